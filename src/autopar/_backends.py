@@ -1,0 +1,127 @@
+"""Turn options into an executor, and keep autopar's own pools warm between calls.
+
+``"process"`` and ``"thread"`` pools live in a locked cache keyed by their configuration, so a
+second loop with the same configuration reuses warm workers. They are closed by `shutdown`
+and at interpreter exit (the ``atexit`` hook is registered when the first pool is made, so
+importing autopar has no effect). An executor the user passes in is used as it is and never
+shut down by autopar.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from autopar._options import Options
+from autopar._serialize import dumps
+from autopar._worker import initialize_worker
+
+__all__ = ["Backend", "SerialExecutor", "acquire", "discard", "shutdown"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SerialExecutor(Executor):
+    """Runs each call at ``submit`` in the calling thread, so a debugger stops inside it."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        return future
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An executor and how the engine must talk to it.
+
+    ``in_process`` backends share memory with the parent: chunks travel as live objects,
+    unpickled. ``owned`` executors were made by autopar and may be discarded when broken.
+    """
+
+    executor: Executor
+    in_process: bool
+    owned: bool
+    workers: int
+
+
+_pools: dict[tuple[Any, ...], Executor] = {}
+_pools_lock = threading.Lock()
+_pools_pid = os.getpid()
+_atexit_registered = False
+
+
+def acquire(options: Options) -> Backend:
+    """The executor for a loop with these (resolved) options."""
+    workers = options.workers or 1
+    backend = options.backend
+    if isinstance(backend, Executor):
+        in_process = isinstance(backend, ThreadPoolExecutor | SerialExecutor)
+        return Backend(backend, in_process=in_process, owned=False, workers=workers)
+    if backend == "serial":
+        return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
+    if backend == "thread":
+        key: tuple[Any, ...] = ("thread", workers)
+        return Backend(_cached(key, lambda: ThreadPoolExecutor(workers, "autopar")), True, True, workers)
+    key = ("process", workers, options.start_method, options.initializer, options.initargs)
+    return Backend(_cached(key, lambda: _make_process_pool(options, workers)), False, True, workers)
+
+
+def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
+    user_init = dumps((options.initializer, options.initargs)) if options.initializer else None
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context(options.start_method),
+        initializer=initialize_worker,
+        initargs=(user_init,),
+    )
+
+
+def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
+    global _atexit_registered, _pools_pid
+    with _pools_lock:
+        if _pools_pid != os.getpid():  # a forked child must not use its parent's pools
+            _pools.clear()
+            _pools_pid = os.getpid()
+        executor = _pools.get(key)
+        if executor is None:
+            executor = _pools[key] = make()
+            if not _atexit_registered:
+                atexit.register(shutdown)
+                _atexit_registered = True
+        return executor
+
+
+def discard(executor: Executor, *, kill: bool = False) -> None:
+    """Drop a broken or interrupted pool from the cache and close it without waiting.
+
+    With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running).
+    """
+    with _pools_lock:
+        for key, cached in list(_pools.items()):
+            if cached is executor:
+                del _pools[key]
+    if kill and isinstance(executor, ProcessPoolExecutor):
+        for process in list((executor._processes or {}).values()):
+            process.kill()
+    executor.shutdown(wait=kill, cancel_futures=True)
+
+
+def shutdown() -> None:
+    """Close every worker pool autopar has started; the next loop starts fresh ones."""
+    with _pools_lock:
+        executors = list(_pools.values()) if _pools_pid == os.getpid() else []
+        _pools.clear()
+    for executor in executors:
+        executor.shutdown(wait=True, cancel_futures=True)

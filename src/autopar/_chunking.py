@@ -1,0 +1,67 @@
+"""How many iterations to send at once, from the measured cost of an iteration.
+
+Pure arithmetic, no processes: the engine calls `ChunkSizer.next_size` before each
+submission and `ChunkSizer.record` when a chunk comes back.
+
+The automatic policy: start with one iteration per chunk, so the first results arrive at once
+and an expensive loop is balanced from the start; once iterations have been timed, size each
+chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip
+(~0.1-0.3 ms) stays a few percent of it; never grow more than ``growth`` times per step, so one
+cheap early iteration cannot produce one huge chunk; and when the input's length is known,
+keep chunks small enough that the last ones still spread over every worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["ChunkSizer"]
+
+
+class ChunkSizer:
+    """Chunk sizes for one loop: fixed, or adapted to measured iteration cost."""
+
+    def __init__(
+        self,
+        fixed: int | None,
+        workers: int,
+        total: int | None = None,
+        *,
+        target_seconds: float = 0.02,
+        growth: int = 8,
+        chunks_per_worker: int = 4,
+    ) -> None:
+        self.fixed = fixed
+        self.workers = workers
+        self.total = total
+        self.target_seconds = target_seconds
+        self.growth = growth
+        self.chunks_per_worker = chunks_per_worker
+        self.size = fixed or 1
+        self._iterations = 0
+        self._seconds = 0.0
+        self._handed_out = 0
+
+    @property
+    def mean_seconds(self) -> float | None:
+        """The measured mean cost of an iteration, or None before any was timed."""
+        return self._seconds / self._iterations if self._iterations else None
+
+    def next_size(self) -> int:
+        """The size of the next chunk to send."""
+        size = self.size
+        if self.fixed is None and self.total is not None:
+            remaining = max(self.total - self._handed_out, 1)
+            size = min(size, max(1, math.ceil(remaining / (self.workers * self.chunks_per_worker))))
+        self._handed_out += size
+        return size
+
+    def record(self, iterations: int, seconds: float) -> None:
+        """Account for a chunk of ``iterations`` that kept a worker busy for ``seconds``."""
+        self._iterations += iterations
+        self._seconds += seconds
+        if self.fixed is not None or not self._iterations:
+            return
+        mean = max(self._seconds / self._iterations, 1e-7)
+        wanted = max(1, int(self.target_seconds / mean))
+        self.size = max(1, min(wanted, self.size * self.growth))

@@ -1,0 +1,182 @@
+"""The result collector: puts finished iterations back in input order and handles failures.
+
+It turns the engine's batches (completion order) into a `LoopResult` (``map``) or a lazy
+in-order iterator (``imap``). Each failure becomes a `Failure` whose exception carries a note
+``iteration <index>: f(args...)`` and, when it came from another process, the worker's
+traceback text as ``__cause__``. Under ``on_error="raise"`` the first failure stops the loop and
+is raised with the results so far as ``err.partial_result``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from autopar._engine import Batch, Dispatcher
+from autopar._errors import RemoteTraceback, add_iteration_note, set_attribute
+from autopar._options import Options
+from autopar._progress import progress_bar
+from autopar._records import Item, Outcome
+from autopar._results import Failure, LoopResult, LoopStats, describe_call
+
+__all__ = ["LoopIterator", "run_imap", "run_map"]
+
+R = TypeVar("R")
+_MISSING: Any = object()
+
+
+class _Collector:
+    """Gathers one loop's outcomes by index, turning failures into `Failure` records."""
+
+    def __init__(self, dispatcher: Dispatcher, name: str, total: int | None) -> None:
+        self.dispatcher = dispatcher
+        self.name = name
+        self.values: dict[int, Any] = {}
+        self.iterations = 0
+        self.failures: list[Failure] = []
+        self.busy_time = 0.0
+        self.started = time.perf_counter()
+        self.remote = not dispatcher.in_process
+        self.progress = progress_bar(dispatcher.options.progress, total, name)
+
+    def add(self, batch: Batch) -> list[Failure]:
+        """Store a batch; return its failures (already recorded in ``self.failures``)."""
+        values = self.values
+        failed: list[Failure] = []
+        self.iterations += len(batch)
+        for item, outcome in batch:
+            self.busy_time += outcome.seconds
+            if outcome.exception is None:
+                values[item.index] = outcome.value
+            else:
+                values[item.index] = None
+                failed.append(self._failure(item, outcome))
+        self.failures.extend(failed)
+        self.progress.update(len(batch))
+        return failed
+
+    def _failure(self, item: Item, outcome: Outcome) -> Failure:
+        exc = outcome.exception
+        assert exc is not None
+        kwargs = {**self.dispatcher.broadcast, **item.kwargs}
+        note = f"iteration {item.index}: {describe_call(self.name, item.args, kwargs)}"
+        if outcome.attempts > 1:
+            note += f" (failed {outcome.attempts} attempts)"
+        add_iteration_note(exc, note)
+        if self.remote and outcome.traceback:
+            set_attribute(exc, "__cause__", RemoteTraceback(outcome.traceback))
+        return Failure(item.index, item.args, kwargs, exc, outcome.traceback, outcome.attempts)
+
+    def result(self) -> LoopResult[Any]:
+        """Everything collected so far; indices that never ran are listed as ``missing``."""
+        size = max(self.dispatcher.consumed, max(self.values, default=-1) + 1)
+        values = [self.values.get(index, _MISSING) for index in range(size)]
+        missing = [index for index, value in enumerate(values) if value is _MISSING]
+        values = [None if value is _MISSING else value for value in values]
+        failures = sorted(self.failures, key=lambda failure: failure.index)
+        return LoopResult(values, failures, self.stats(), missing)
+
+    def stats(self) -> LoopStats:
+        return LoopStats(
+            wall_time=time.perf_counter() - self.started,
+            busy_time=self.busy_time,
+            iterations=self.iterations,
+            workers=self.dispatcher.workers,
+            chunksize=self.dispatcher.chunksize,
+        )
+
+    def raise_first(self, failure: Failure) -> None:
+        """Raise ``failure``'s exception with the results so far attached."""
+        exc = failure.exception
+        set_attribute(exc, "partial_result", self.result())
+        raise exc
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def run_map(
+    function: Callable[..., Any],
+    name: str,
+    calls: Iterable[Item],
+    broadcast: dict[str, Any],
+    options: Options,
+    total: int | None,
+) -> LoopResult[Any]:
+    """Run every iteration and return the results in input order."""
+    dispatcher = Dispatcher(function, calls, broadcast, options, total)
+    collector = _Collector(dispatcher, name, total)
+    batches = dispatcher.batches()
+    try:
+        for batch in batches:
+            failed = collector.add(batch)
+            if failed and options.on_error == "raise":
+                batches.close()
+                collector.raise_first(min(failed, key=lambda failure: failure.index))
+    finally:
+        batches.close()
+        collector.close()
+    return collector.result()
+
+
+class LoopIterator(Iterator[R], Generic[R]):
+    """The lazy, in-order iterator that ``f.imap(...)`` returns.
+
+    Under ``on_error="collect"`` a failed iteration yields ``None``; `failures` lists the
+    failures met so far and `stats` describes the loop so far.
+    """
+
+    def __init__(self, collector: _Collector, on_error: str) -> None:
+        self._collector = collector
+        self._generator = self._in_order(on_error)
+
+    @property
+    def failures(self) -> list[Failure]:
+        return sorted(self._collector.failures, key=lambda failure: failure.index)
+
+    @property
+    def stats(self) -> LoopStats:
+        return self._collector.stats()
+
+    def __next__(self) -> R:
+        value: R = next(self._generator)
+        return value
+
+    def close(self) -> None:
+        """Stop the loop: chunks that have not started are cancelled."""
+        self._generator.close()
+
+    def _in_order(self, on_error: str) -> Generator[Any, None, None]:
+        collector = self._collector
+        batches = collector.dispatcher.batches()
+        failed_at: dict[int, Failure] = {}
+        next_index = 0
+        try:
+            for batch in batches:
+                for failure in collector.add(batch):
+                    failed_at[failure.index] = failure
+                values = collector.values
+                while next_index in values:
+                    if next_index in failed_at and on_error == "raise":
+                        batches.close()
+                        collector.raise_first(failed_at[next_index])
+                    failed_at.pop(next_index, None)
+                    yield values.pop(next_index)  # the caller has it now: memory stays flat
+                    next_index += 1
+        finally:
+            batches.close()
+            collector.close()
+
+
+def run_imap(
+    function: Callable[..., Any],
+    name: str,
+    calls: Iterable[Item],
+    broadcast: dict[str, Any],
+    options: Options,
+    total: int | None,
+) -> LoopIterator[Any]:
+    """A lazy iterator of results in input order; the input is consumed as workers free up."""
+    dispatcher = Dispatcher(function, calls, broadcast, options, total)
+    return LoopIterator(_Collector(dispatcher, name, total), options.on_error)

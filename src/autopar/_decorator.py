@@ -1,0 +1,199 @@
+"""The ``@parallel_loop`` decorator: the plain call untouched, plus ``map``/``starmap``/``imap``.
+
+`LoopFunction` is a wrapt `FunctionWrapper`, so the decorated function keeps its name,
+docstring, signature and ``__wrapped__``, and binds as a method. `BoundLoopFunction` is what
+``obj.method`` gives, so that ``obj.method.map(xs)`` runs the method of ``obj``. Scheduling
+lives elsewhere: the methods here only resolve options and hand over to the collector.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import replace
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+import wrapt
+
+from autopar._collect import LoopIterator, run_imap, run_map
+from autopar._options import Options, resolve, validate
+from autopar._records import Item
+from autopar._results import LoopResult
+from autopar._serialize import dumps, loads
+
+__all__ = ["BoundLoopFunction", "LoopFunction", "parallel_loop"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_NO_KWARGS: dict[str, Any] = {}
+
+
+def _plain_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return wrapped(*args, **kwargs)
+
+
+class _LoopMethods(Generic[P, R]):
+    """``map``, ``starmap``, ``imap`` and ``options``, shared by plain and bound wrappers."""
+
+    def _loop_target(self) -> Callable[..., Any]:
+        """What the workers call: picklable, and bound to its instance for a method."""
+        raise NotImplementedError  # pragma: no cover - both subclasses define it
+
+    def _loop_options(self) -> Options:
+        raise NotImplementedError  # pragma: no cover - both subclasses define it
+
+    def _loop_name(self) -> str:
+        wrapped = self.__wrapped__  # type: ignore[attr-defined]
+        return getattr(wrapped, "__qualname__", None) or repr(wrapped)
+
+    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopResult[R]:
+        """Run one iteration per element (several iterables are zipped, as builtin ``map``
+        does), in parallel; keyword arguments go to every iteration. Results in input order."""
+        calls, total = _zip_calls("map", iterables)
+        return run_map(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+
+    def starmap(self, iterable: Iterable[Iterable[Any]], **kwargs: Any) -> LoopResult[R]:
+        """Like `map`, but each element is a tuple of positional arguments."""
+        calls, total = _star_calls(iterable)
+        return run_map(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+
+    def imap(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopIterator[R]:
+        """A lazy iterator of results in input order; the input is read only as workers free
+        up, so memory stays bounded for huge or endless iterables."""
+        calls, total = _zip_calls("imap", iterables)
+        return run_imap(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+
+    def options(self, **changes: Any) -> LoopFunction[P, R]:
+        """A copy of this loop function with some options changed."""
+        return LoopFunction(self._loop_target_unbound(), self._loop_options().merge(changes))
+
+    def _loop_target_unbound(self) -> Callable[..., Any]:
+        return self.__wrapped__  # type: ignore[attr-defined, no-any-return]
+
+
+class BoundLoopFunction(_LoopMethods[P, R], wrapt.BoundFunctionWrapper[P, R]):
+    """A `LoopFunction` reached through an instance: ``obj.method.map(xs)``."""
+
+    def _loop_target(self) -> Callable[..., Any]:
+        return self.__wrapped__
+
+    def _loop_options(self) -> Options:
+        options: Options = self._self_parent._self_options
+        return options
+
+
+class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
+    """A function decorated with `parallel_loop`: call it as before, or loop it in parallel."""
+
+    __bound_function_wrapper__ = BoundLoopFunction  # type: ignore[assignment]  # wrapt's stub is invariant
+
+    def __init__(self, wrapped: Callable[P, R], options: Options) -> None:
+        super().__init__(wrapped, _plain_call)
+        self._self_options = options
+
+    def _loop_target(self) -> Callable[..., Any]:
+        return self
+
+    def _loop_options(self) -> Options:
+        return self._self_options
+
+    def __repr__(self) -> str:
+        return f"<parallel_loop {self._loop_name()}>"
+
+    def __copy__(self) -> LoopFunction[P, R]:
+        return LoopFunction(self.__wrapped__, self._self_options)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoopFunction[P, R]:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle by reference when importable (cheap, and the worker imports the module);
+        otherwise (``__main__``, notebooks, closures, lambdas) carry the function by value."""
+        options = _portable(self._self_options)
+        module_name = getattr(self.__wrapped__, "__module__", None)
+        qualname = getattr(self.__wrapped__, "__qualname__", "")
+        if module_name and module_name != "__main__" and "<locals>" not in qualname:
+            found = _lookup(module_name, qualname)
+            if found is self:
+                return qualname
+            if isinstance(found, LoopFunction) and found.__wrapped__ is self.__wrapped__:
+                return _with_options, (found, options)
+        return _by_value, (dumps(self.__wrapped__), options)
+
+
+def _lookup(module_name: str, qualname: str) -> Any:
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return found
+
+
+def _portable(options: Options) -> Options:
+    """Options fit for pickling: a live executor instance stays behind."""
+    return options if isinstance(options.backend, str) else replace(options, backend="process")
+
+
+def _with_options(found: LoopFunction[P, R], options: Options) -> LoopFunction[P, R]:
+    return LoopFunction(found.__wrapped__, options)
+
+
+def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
+    return LoopFunction(loads(function), options)
+
+
+def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Item], int | None]:
+    if not iterables:
+        raise TypeError(f"{method}() needs at least one iterable of arguments")
+    for position, iterable in enumerate(iterables, 1):
+        if not isinstance(iterable, Iterable):
+            raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
+    lengths = [len(it) for it in iterables if isinstance(it, Sized)]
+    total = min(lengths) if len(lengths) == len(iterables) else None
+    calls = (Item(index, args, _NO_KWARGS) for index, args in enumerate(zip(*iterables, strict=False)))
+    return calls, total
+
+
+def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[Item], int | None]:
+    if not isinstance(iterable, Iterable):
+        raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
+    total = len(iterable) if isinstance(iterable, Sized) else None
+
+    def calls() -> Iterator[Item]:
+        for index, args in enumerate(iterable):
+            if not isinstance(args, Iterable) or isinstance(args, str | bytes):
+                raise TypeError(
+                    f"starmap(): element {index} is {args!r} ({type(args).__name__}), "
+                    "not a tuple of positional arguments"
+                )
+            yield Item(index, tuple(args), _NO_KWARGS)
+
+    return calls(), total
+
+
+@overload
+def parallel_loop(function: Callable[P, R], /) -> LoopFunction[P, R]: ...
+@overload
+def parallel_loop(function: None = None, /, **options: Any) -> Callable[[Callable[P, R]], LoopFunction[P, R]]: ...
+def parallel_loop(
+    function: Callable[P, R] | None = None, /, **options: Any
+) -> LoopFunction[P, R] | Callable[[Callable[P, R]], LoopFunction[P, R]]:
+    """Decorate a per-iteration function so that its loop can run in parallel.
+
+    ``@parallel_loop`` or ``@parallel_loop(workers=4, on_error="collect", ...)``. The function
+    still runs as before when called; ``f.map(xs)`` runs every iteration in parallel and returns
+    a `LoopResult` in input order. Options are checked here, and resolved again at each call
+    (``AUTOPAR_BACKEND`` and ``AUTOPAR_WORKERS`` are read then).
+    """
+    resolved = Options().merge(validate(options))
+
+    def decorate(target: Callable[P, R]) -> LoopFunction[P, R]:
+        if not callable(target):
+            raise TypeError(f"parallel_loop decorates a function, not {type(target).__name__}")
+        return LoopFunction(target, resolved)
+
+    if function is None:
+        return decorate
+    return decorate(function)

@@ -1,0 +1,116 @@
+"""autopar's exceptions, and the helpers that dress a remote exception for the user.
+
+Hierarchy::
+
+    Exception
+     └── AutoparError                      base of everything autopar raises itself
+          ├── WorkerCrashed                the worker process died while running the iteration
+          ├── IterationTimeout             (also a TimeoutError) the iteration ran past `timeout`
+          ├── SerializationError           an argument, result or exception could not be pickled
+          └── RemoteError                  stand-in for a worker exception that could not be
+                                           carried back as its own type
+
+    RemoteTraceback                        the worker-side traceback text, set as ``__cause__``
+
+Every class here survives a pickle round-trip: its fields are rebuilt from ``self.args``.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+__all__ = [
+    "AutoparError",
+    "IterationTimeout",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerCrashed",
+    "add_iteration_note",
+    "set_attribute",
+]
+
+
+class AutoparError(Exception):
+    """Base class of the exceptions autopar raises itself."""
+
+
+class WorkerCrashed(AutoparError):
+    """The worker process died while it was running this iteration.
+
+    ``exitcode`` is the process exit code, negative for a signal (as in
+    `multiprocessing.Process.exitcode`), or ``None`` when the backend cannot tell.
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None, pid: int | None = None) -> None:
+        super().__init__(message, exitcode, pid)
+        self.exitcode = exitcode
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def signal_name(self) -> str | None:
+        """The name of the signal that killed the worker (``"SIGKILL"``), if one did."""
+        if self.exitcode is None or self.exitcode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.exitcode).name
+        except ValueError:
+            return f"signal {-self.exitcode}"
+
+
+class IterationTimeout(AutoparError, TimeoutError):
+    """The iteration ran longer than the ``timeout`` option allows."""
+
+
+class SerializationError(AutoparError):
+    """An argument, result or exception of one iteration could not be pickled or unpickled."""
+
+
+class RemoteError(AutoparError):
+    """Stand-in for an exception raised in a worker that could not be carried back as itself.
+
+    ``type_name`` is the original exception's qualified type name and ``message`` its text;
+    the worker-side traceback is in ``__cause__`` and in the `Failure`.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(type_name, message)
+        self.type_name = type_name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text (like concurrent.futures)."""
+
+    def __init__(self, tb_text: str) -> None:
+        super().__init__(tb_text)
+        self.tb_text = tb_text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb_text.rstrip()}\n"""'
+
+
+def set_attribute(exc: BaseException, name: str, value: Any) -> None:
+    """Set an attribute on an exception, even a frozen one (a frozen dataclass, say)."""
+    try:
+        setattr(exc, name, value)
+    except Exception:
+        object.__setattr__(exc, name, value)
+
+
+def add_iteration_note(exc: BaseException, note: str) -> None:
+    """Add ``note`` to ``exc`` once, tolerating exceptions that refuse new attributes."""
+    notes = list(getattr(exc, "__notes__", ()))
+    if note in notes:
+        return
+    try:
+        exc.add_note(note)
+    except Exception:
+        set_attribute(exc, "__notes__", [*notes, note])

@@ -1,0 +1,169 @@
+"""Loop options: validation with clear messages, and their resolution at call time.
+
+Precedence, lowest first: the defaults, the decorator, ``.options()``, then the environment.
+``AUTOPAR_BACKEND`` overrides every backend (so ``AUTOPAR_BACKEND=serial`` puts any program
+under a debugger); ``AUTOPAR_WORKERS`` replaces only the default worker count. A loop started
+inside a worker runs serially there.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypeAlias, cast
+
+from autopar._cpus import usable_cpu_count
+from autopar._worker import in_worker
+
+__all__ = ["BackendName", "Options", "resolve", "validate"]
+
+BackendName: TypeAlias = Literal["process", "thread", "serial"]
+_BACKENDS = ("process", "thread", "serial")
+_ON_ERROR = ("raise", "collect")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of a loop; see the README's table for their meaning."""
+
+    workers: int | None = None
+    backend: BackendName | Executor = "process"
+    chunksize: int | None = None
+    on_error: Literal["raise", "collect"] = "raise"
+    timeout: float | None = None
+    retries: int = 0
+    progress: bool = False
+    start_method: str | None = None
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple[Any, ...] = ()
+    max_tasks_per_worker: int | None = None
+
+    def merge(self, changes: Mapping[str, Any]) -> Options:
+        """A copy with ``changes`` applied, each one validated."""
+        return replace(self, **validate(changes))
+
+
+_OPTION_NAMES = tuple(field.name for field in fields(Options))
+
+
+def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Check option values, raising a ValueError/TypeError that names option, value and choices."""
+    unknown = sorted(set(changes) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are: {', '.join(_OPTION_NAMES)}")
+    for name, value in changes.items():
+        _CHECKS[name](name, value)
+    return {name: tuple(value) if name == "initargs" else value for name, value in changes.items()}
+
+
+def resolve(options: Options) -> Options:
+    """The options a loop runs with now: environment applied, workers counted, nesting handled."""
+    backend_env = os.environ.get("AUTOPAR_BACKEND", "").strip()
+    if backend_env:
+        if backend_env not in _BACKENDS:
+            raise ValueError(f"AUTOPAR_BACKEND={backend_env!r} is not a backend; choose one of {', '.join(_BACKENDS)}")
+        options = replace(options, backend=cast(BackendName, backend_env))
+    if in_worker():
+        options = replace(options, backend="serial")
+    if options.workers is None:
+        options = replace(options, workers=_default_workers())
+    return options
+
+
+def _default_workers() -> int:
+    text = os.environ.get("AUTOPAR_WORKERS", "").strip()
+    if not text:
+        return usable_cpu_count()
+    try:
+        workers = int(text)
+    except ValueError:
+        raise ValueError(f"AUTOPAR_WORKERS={text!r} is not a whole number of workers (1 or more)") from None
+    if workers < 1:
+        raise ValueError(f"AUTOPAR_WORKERS={text!r} must be 1 or more")
+    return workers
+
+
+def _positive_int_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected a whole number of 1 or more, or None")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: must be 1 or more, or None")
+
+
+def _check_backend(name: str, value: Any) -> None:
+    if isinstance(value, Executor):
+        return
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name}={value!r}: expected one of {', '.join(map(repr, _BACKENDS))} "
+            "or a concurrent.futures.Executor instance"
+        )
+    if value not in _BACKENDS:
+        raise ValueError(f"{name}={value!r} is not a backend; choose one of {', '.join(map(repr, _BACKENDS))}")
+
+
+def _check_choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: choose one of {', '.join(map(repr, choices))}")
+
+    return check
+
+
+def _check_timeout(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}={value!r}: expected a number of seconds, or None")
+    if not value > 0:
+        raise ValueError(f"{name}={value!r}: must be more than 0 seconds, or None")
+
+
+def _check_retries(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected a whole number of 0 or more")
+    if value < 0:
+        raise ValueError(f"{name}={value!r}: must be 0 or more")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: expected True or False")
+
+
+def _check_start_method(name: str, value: Any) -> None:
+    if value is None:
+        return
+    methods = tuple(multiprocessing.get_all_start_methods())
+    if value not in methods:
+        raise ValueError(f"{name}={value!r}: choose one of {', '.join(map(repr, methods))} or None")
+
+
+def _check_initializer(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name}={value!r}: expected a callable or None")
+
+
+def _check_initargs(name: str, value: Any) -> None:
+    if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+        raise TypeError(f"{name}={value!r}: expected a tuple of arguments for the initializer")
+
+
+_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "workers": _positive_int_or_none,
+    "backend": _check_backend,
+    "chunksize": _positive_int_or_none,
+    "on_error": _check_choice(_ON_ERROR),
+    "timeout": _check_timeout,
+    "retries": _check_retries,
+    "progress": _check_bool,
+    "start_method": _check_start_method,
+    "initializer": _check_initializer,
+    "initargs": _check_initargs,
+    "max_tasks_per_worker": _positive_int_or_none,
+}

@@ -1,0 +1,154 @@
+"""What a loop gives back: `LoopResult`, `Failure` and `LoopStats`, in input order."""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, overload
+
+__all__ = ["Failure", "LoopResult", "LoopStats", "describe_call"]
+
+R = TypeVar("R")
+
+_repr = reprlib.Repr()
+_repr.maxstring = 60
+_repr.maxother = 60
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 6
+
+
+def describe_call(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """``calc_stuff(3, offset=2.0)``, every argument shortened to fit one line."""
+    parts = [_repr.repr(arg) for arg in args] + [f"{key}={_repr.repr(value)}" for key, value in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One iteration that failed: where, with what arguments, and why."""
+
+    index: int
+    """Position of the iteration in the input."""
+    args: tuple[Any, ...]
+    """The positional arguments of the call."""
+    kwargs: dict[str, Any]
+    """The keyword arguments of the call (the broadcast ones included)."""
+    exception: BaseException
+    """The exception, of its original type where it could be carried back."""
+    traceback: str
+    """The traceback as the worker saw it, as text."""
+    attempts: int = 1
+    """How many times the iteration was tried, retries included."""
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """How a loop ran: time, work, and how well the workers were used."""
+
+    wall_time: float
+    """Seconds for the whole loop."""
+    busy_time: float
+    """Seconds spent inside iterations, summed over workers."""
+    iterations: int
+    workers: int
+    chunksize: int
+    """The chunk size used, or the last one the automatic chunking chose."""
+
+    @property
+    def speedup(self) -> float:
+        """``busy_time / wall_time``: about how many times faster than the serial loop."""
+        return self.busy_time / self.wall_time if self.wall_time > 0 else 0.0
+
+    @property
+    def efficiency(self) -> float:
+        """``speedup / workers``: the share of the workers' time spent on iterations."""
+        return self.speedup / self.workers if self.workers else 0.0
+
+
+@dataclass(eq=False)
+class LoopResult(Sequence[R], Generic[R]):
+    """The outcome of ``f.map(...)``: every iteration's return value, in input order.
+
+    A failed iteration's slot holds ``None`` (see `unzip`'s ``fill`` for another value);
+    the failures themselves are in `failures`.
+    """
+
+    _values: list[Any]
+    failures: list[Failure]
+    stats: LoopStats
+    missing: list[int] = field(default_factory=list)
+    """Indices that never ran: only non-empty on an ``err.partial_result``."""
+
+    @property
+    def ok(self) -> bool:
+        """True when no iteration failed."""
+        return not self.failures
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> R: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[R]: ...
+    def __getitem__(self, index: int | slice) -> R | list[R]:
+        return self._values[index]
+
+    def __iter__(self) -> Iterator[R]:
+        return iter(self._values)
+
+    def __repr__(self) -> str:
+        failed = f", {len(self.failures)} failed" if self.failures else ""
+        return f"<LoopResult of {len(self)} iterations{failed}: {_repr.repr(self._values)}>"
+
+    def raise_failures(self) -> None:
+        """Raise an ExceptionGroup of every failure; do nothing when the loop succeeded."""
+        if self.failures:
+            exceptions = [failure.exception for failure in self.failures]
+            raise BaseExceptionGroup(f"{len(exceptions)} of {len(self)} iterations failed", exceptions)
+
+    def unzip(self, n: int | None = None, *, fill: Any = None) -> Any:
+        """Split multi-output results: a tuple of lists, or a dict of lists for mappings.
+
+        ``n`` names the number of outputs, so an empty loop still gives ``n`` empty lists.
+        A failed iteration's slot holds ``fill`` in every list, keeping outputs aligned.
+        """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"unzip(n={n!r}): n must be a whole number of outputs, 0 or more")
+        failed = {failure.index for failure in self.failures} | set(self.missing)
+        present = [(i, v) for i, v in enumerate(self._values) if i not in failed]
+        if present and isinstance(present[0][1], Mapping):
+            return self._unzip_mappings(present, n, fill)
+        width = n
+        for index, value in present:
+            if not isinstance(value, tuple | list):
+                raise TypeError(
+                    f"unzip(): iteration {index} returned {_repr.repr(value)} "
+                    f"({type(value).__name__}), not a tuple, list or mapping"
+                )
+            if width is None:
+                width = len(value)
+            elif len(value) != width:
+                expected = f"{n} (unzip(n={n}))" if n is not None else f"{width}, as iteration {present[0][0]} did"
+                raise TypeError(f"unzip(): iteration {index} returned {len(value)} values, expected {expected}")
+        columns: list[list[Any]] = [[fill] * len(self._values) for _ in range(width or 0)]
+        for index, value in present:
+            for column, item in zip(columns, value, strict=True):
+                column[index] = item
+        return tuple(columns)
+
+    def _unzip_mappings(self, present: list[tuple[int, Any]], n: int | None, fill: Any) -> dict[Any, list[Any]]:
+        keys = list(present[0][1])
+        if n is not None and len(keys) != n:
+            raise TypeError(f"unzip(n={n}): iteration {present[0][0]} returned a mapping with {len(keys)} keys")
+        for index, value in present:
+            if not isinstance(value, Mapping) or set(value) != set(keys):
+                raise TypeError(
+                    f"unzip(): iteration {index} returned {_repr.repr(value)}, "
+                    f"not a mapping with the keys {keys!r} of iteration {present[0][0]}"
+                )
+        columns = {key: [fill] * len(self._values) for key in keys}
+        for index, value in present:
+            for key in keys:
+                columns[key][index] = value[key]
+        return columns

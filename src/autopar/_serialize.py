@@ -1,0 +1,161 @@
+"""Pickling at the process boundary, where every failure belongs to one iteration.
+
+Functions, broadcast keyword arguments and arguments travel by cloudpickle, so lambdas,
+closures and classes defined in ``__main__`` or a notebook work under any start method.
+Results travel item by item, by plain pickle where it can (several times faster) and by
+cloudpickle where it cannot, so one bad result never costs another iteration its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import linecache
+import pickle
+import re
+import traceback
+from types import TracebackType
+from typing import Any
+
+import cloudpickle
+
+from autopar._errors import RemoteError, SerializationError
+from autopar._records import Item, Outcome, WireError, WireOutcome
+
+__all__ = [
+    "decode_outcome",
+    "describe",
+    "digest",
+    "dumps",
+    "encode_error",
+    "encode_items",
+    "encode_value",
+    "format_worker_traceback",
+    "loads",
+]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+loads = pickle.loads
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` by value where plain pickle would go by reference (cloudpickle)."""
+    data: bytes = cloudpickle.dumps(obj, protocol=_PROTOCOL)
+    return data
+
+
+def digest(data: bytes) -> str:
+    """A short content hash, the key under which a worker caches what ``data`` unpickles to."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeError: cannot pickle '_thread.lock' object"``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def encode_items(items: list[Item]) -> tuple[bytes, list[Outcome]]:
+    """Pickle a chunk's calls in one go; when that fails, find and fail the culprits.
+
+    Returns the pickled list of the calls that pickle, and an `Outcome` for each one that
+    does not, so that one unpicklable argument costs only its own iteration.
+    """
+    calls = [(item.index, item.args, item.kwargs) for item in items]
+    try:
+        return dumps(calls), []
+    except Exception:
+        pass
+    good: list[tuple[Any, ...]] = []
+    failed: list[Outcome] = []
+    for call in calls:
+        try:
+            dumps(call)
+        except Exception as exc:
+            error = SerializationError(f"arguments of iteration {call[0]} could not be pickled: {describe(exc)}")
+            error.__cause__ = exc
+            failed.append(Outcome(call[0], exception=error))
+        else:
+            good.append(call)
+    return dumps(good), failed
+
+
+def encode_value(value: Any) -> bytes:
+    """Pickle one result: plain pickle first (fast), cloudpickle when that fails."""
+    try:
+        return pickle.dumps(value, _PROTOCOL)
+    except Exception:
+        return dumps(value)
+
+
+def encode_error(exc: BaseException, tb_text: str) -> WireError:
+    """Describe an exception for the trip home, pickling it when it can be pickled."""
+    try:
+        payload: bytes | None = encode_value(exc)
+    except Exception:
+        payload = None
+    return WireError(payload, _type_name(type(exc)), str(exc), tb_text)
+
+
+def decode_outcome(wire: WireOutcome) -> Outcome:
+    """Unpickle one iteration's outcome in the parent; a failure here fails that iteration."""
+    if wire.error is not None:
+        exception = _rebuild_exception(wire.error)
+        tb_text = fill_source_lines(wire.error.traceback)
+        return Outcome(wire.index, exception=exception, traceback=tb_text, seconds=wire.seconds)
+    try:
+        return Outcome(wire.index, value=loads(wire.value or b"N."), seconds=wire.seconds)
+    except Exception as exc:
+        error = SerializationError(f"result of iteration {wire.index} could not be unpickled: {describe(exc)}")
+        error.__cause__ = exc
+        return Outcome(wire.index, exception=error, seconds=wire.seconds)
+
+
+def _rebuild_exception(wire: WireError) -> BaseException:
+    """The worker's exception as its own type where possible, else a `RemoteError`."""
+    if wire.exception is not None:
+        try:
+            exc = loads(wire.exception)
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:
+            pass
+    return RemoteError(wire.type_name, wire.message)
+
+
+def _type_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def format_worker_traceback(exc: BaseException, skip: int = 1) -> str:
+    """Format ``exc`` as the worker saw it, without autopar's own ``skip`` outer frames."""
+    tb: TracebackType | None = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+_FRAME_LINE = re.compile(r'^(\s*)File "(.+)", line (\d+), in .*$')
+
+
+def fill_source_lines(tb_text: str) -> str:
+    """Add the source line under each frame the worker could not read it for.
+
+    A worker on another machine, or one running a function defined in a notebook cell,
+    has no copy of the source; the parent usually has it in ``linecache``.
+    """
+    lines = tb_text.splitlines(keepends=True)
+    out: list[str] = []
+    for position, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME_LINE.match(line.rstrip("\n"))
+        if match is None:
+            continue
+        following = lines[position + 1] if position + 1 < len(lines) else ""
+        if following.startswith(match.group(1) + "    "):
+            continue  # the worker already showed the source line
+        source = linecache.getline(match.group(2), int(match.group(3))).strip()
+        if source:
+            out.append(f"{match.group(1)}    {source}\n")
+    return "".join(out)
