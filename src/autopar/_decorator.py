@@ -100,6 +100,13 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
     def __repr__(self) -> str:
         return f"<parallel_loop {self._loop_name()}>"
 
+    # wrapt makes a proxy claim its wrapped object's class. For a LoopFunction that would make
+    # cloudpickle take it for a plain function and pickle the bare function by value (from
+    # `__main__`, a notebook or a closure), silently losing `map` and the options.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Any]:
+        return type(self)
+
     def __copy__(self) -> LoopFunction[P, R]:
         return LoopFunction(self.__wrapped__, self._self_options)
 

@@ -67,7 +67,12 @@ class Dispatcher:
         self._calls = iter(calls)
         self._backend: Backend | None = acquire(options)
         self.in_process = self._backend.in_process
-        self._sizer = ChunkSizer(options.chunksize, options.workers or 1, total)
+        self.workers = 1 if options.backend == "serial" else options.workers or 1
+        # In-process serial runs one iteration at a time, interleaved with its consumer, like
+        # the old loop: chunks buy nothing without a process boundary to amortize.
+        fixed = options.chunksize or (1 if options.backend == "serial" else None)
+        self._sizer = ChunkSizer(fixed, self.workers, total)
+        self._window = 1 if options.backend == "serial" else 2 * self.workers
         self._retry: deque[Item] = deque()
         self._attempts: dict[int, int] = {}
         self._loop_id = uuid.uuid4().hex
@@ -75,7 +80,6 @@ class Dispatcher:
         self._wire: tuple[str, bytes, str, bytes] | None = None
         self.chunksize = 0
         self.consumed = 0
-        self.workers = 1 if options.backend == "serial" else options.workers or 1
 
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
@@ -84,7 +88,7 @@ class Dispatcher:
         exhausted = False
         try:
             while True:
-                while len(in_flight) < 2 * self.workers and (self._retry or not exhausted):
+                while len(in_flight) < self._window and (self._retry or not exhausted):
                     chunk = self._next_chunk()
                     if not chunk:
                         exhausted = True

@@ -8,13 +8,17 @@ cloudpickle where it cannot, so one bad result never costs another iteration its
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
+import io
 import linecache
+import marshal
+import os
 import pickle
 import re
 import traceback
-from types import TracebackType
-from typing import Any
+from types import CodeType, TracebackType
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -37,10 +41,30 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 loads = pickle.loads
 
 
+def _reduce_code(code: CodeType) -> tuple[Any, tuple[bytes]]:
+    return marshal.loads, (marshal.dumps(code),)
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, except that code keeps its file name.
+
+    cloudpickle renames the file of every function it ships by value to ``<dynamic-code>``
+    (for deterministic pickles), which hides the user's file and line from the worker's
+    traceback. marshal carries a code object whole; workers run the same Python version.
+    """
+
+    dispatch_table: ClassVar[Any] = {
+        **copyreg.dispatch_table,
+        **cloudpickle.Pickler.dispatch_table,
+        CodeType: _reduce_code,
+    }
+
+
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` by value where plain pickle would go by reference (cloudpickle)."""
-    data: bytes = cloudpickle.dumps(obj, protocol=_PROTOCOL)
-    return data
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=_PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 def digest(data: bytes) -> str:
@@ -88,12 +112,35 @@ def encode_value(value: Any) -> bytes:
 
 
 def encode_error(exc: BaseException, tb_text: str) -> WireError:
-    """Describe an exception for the trip home, pickling it when it can be pickled."""
+    """Describe an exception for the trip home, pickled so that it can come back as itself.
+
+    An exception that pickles but does not unpickle (an ``__init__`` with two required
+    arguments, a frozen dataclass) travels as its class, ``args`` and ``__dict__`` instead.
+    """
+    payload: bytes | None = None
     try:
-        payload: bytes | None = encode_value(exc)
+        payload = encode_value(exc)
+        loads(payload)
     except Exception:
-        payload = None
+        try:
+            payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc))))
+        except Exception:
+            payload = None
     return WireError(payload, _type_name(type(exc)), str(exc), tb_text)
+
+
+class _ExceptionParts:
+    """An exception rebuilt without calling its ``__init__`` or ``__setattr__``."""
+
+    def __init__(self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> None:
+        self.cls, self.args, self.state = cls, args, state
+
+    def rebuild(self) -> BaseException:
+        exc = self.cls.__new__(self.cls, *self.args)
+        object.__setattr__(exc, "args", self.args)
+        for name, value in self.state.items():
+            object.__setattr__(exc, name, value)
+        return exc
 
 
 def decode_outcome(wire: WireOutcome) -> Outcome:
@@ -115,6 +162,8 @@ def _rebuild_exception(wire: WireError) -> BaseException:
     if wire.exception is not None:
         try:
             exc = loads(wire.exception)
+            if isinstance(exc, _ExceptionParts):
+                exc = exc.rebuild()
             if isinstance(exc, BaseException):
                 return exc
         except Exception:
@@ -127,13 +176,20 @@ def _type_name(cls: type) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
-def format_worker_traceback(exc: BaseException, skip: int = 1) -> str:
-    """Format ``exc`` as the worker saw it, without autopar's own ``skip`` outer frames."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def format_worker_traceback(exc: BaseException) -> str:
+    """Format ``exc`` as the worker saw it, starting at the user's code: autopar's own outer
+    frames (the runner, the decorator's call-through) are left out."""
     tb: TracebackType | None = exc.__traceback__
-    for _ in range(skip):
-        if tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
+    while tb is not None and tb.tb_next is not None and _is_own_frame(tb):
+        tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _is_own_frame(tb: TracebackType) -> bool:
+    return os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _PACKAGE_DIR
 
 
 _FRAME_LINE = re.compile(r'^(\s*)File "(.+)", line (\d+), in .*$')
@@ -153,9 +209,9 @@ def fill_source_lines(tb_text: str) -> str:
         if match is None:
             continue
         following = lines[position + 1] if position + 1 < len(lines) else ""
-        if following.startswith(match.group(1) + "    "):
+        if following.startswith(match.group(1) + "  ") and not _FRAME_LINE.match(following.rstrip("\n")):
             continue  # the worker already showed the source line
         source = linecache.getline(match.group(2), int(match.group(3))).strip()
         if source:
-            out.append(f"{match.group(1)}    {source}\n")
+            out.append(f"{match.group(1)}  {source}\n")
     return "".join(out)

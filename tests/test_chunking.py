@@ -1,0 +1,37 @@
+"""Chunk sizes: fixed, or adapted to measured iteration cost (pure, no processes)."""
+
+from __future__ import annotations
+
+from autopar._chunking import ChunkSizer
+
+
+def test_fixed_size_never_changes() -> None:
+    sizer = ChunkSizer(5, workers=2, total=1000)
+    sizer.record(5, 100.0)
+    assert [sizer.next_size() for _ in range(3)] == [5, 5, 5]
+
+
+def test_starts_with_one_and_grows_for_cheap_iterations() -> None:
+    sizer = ChunkSizer(None, workers=2, target_seconds=0.02, growth=8)
+    assert sizer.next_size() == 1
+    sizer.record(1, 5e-6)
+    assert sizer.next_size() == 8
+    for _ in range(6):
+        sizer.record(sizer.size, sizer.size * 5e-6)
+    assert sizer.next_size() == int(0.02 / 5e-6)
+
+
+def test_expensive_iterations_stay_one_per_chunk() -> None:
+    sizer = ChunkSizer(None, workers=2)
+    sizer.next_size()
+    sizer.record(1, 0.5)
+    assert sizer.next_size() == 1
+
+
+def test_known_length_keeps_the_tail_spread_over_workers() -> None:
+    """With 100 iterations left and 2 workers, no chunk takes more than 100 / (2 x 4)."""
+    sizer = ChunkSizer(None, workers=2, total=100, chunks_per_worker=4)
+    for _ in range(4):
+        sizer.record(1000, 1e-6)
+    assert sizer.size > 100
+    assert sizer.next_size() == 13

@@ -1,0 +1,243 @@
+"""Failed iterations: raised as their own type, or collected, and never lost."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import autopar
+from _helpers import (
+    NeedsTwoArgs,
+    RefusesPickling,
+    fail_on,
+    raise_needs_two,
+    raise_refuses_pickling,
+    raise_unpicklable,
+    return_breaks_on_load,
+    return_lock,
+    square,
+)
+from autopar import Failure, LoopResult, RemoteError, RemoteTraceback, SerializationError, parallel_loop
+
+
+@pytest.mark.contract
+def test_raise_reraises_the_original_type_with_a_note(any_backend: dict[str, Any]) -> None:
+    """on_error='raise' raises the original type; its note names the iteration and arguments."""
+    calc = parallel_loop(fail_on, **any_backend)
+    with pytest.raises(ValueError, match="bad value 3") as info:
+        calc.map(range(6), bad=(3,))
+    notes = info.value.__notes__
+    assert notes[0].startswith("iteration 3: fail_on(3, bad=(3,))")
+
+
+@pytest.mark.contract
+def test_raise_attaches_the_worker_traceback_and_partial_result(any_backend: dict[str, Any]) -> None:
+    """The worker traceback is text in __cause__ (out of process); partial results are kept."""
+    calc = parallel_loop(fail_on, chunksize=1, **any_backend)
+    with pytest.raises(ValueError) as info:
+        calc.map(range(8), bad=(5,))
+    err = info.value
+    if any_backend["backend"] == "process":
+        assert isinstance(err.__cause__, RemoteTraceback)
+        assert "_helpers.py" in str(err.__cause__) and "raise exc_type" in str(err.__cause__)
+    partial = err.partial_result  # type: ignore[attr-defined]
+    assert isinstance(partial, LoopResult)
+    assert [f.index for f in partial.failures] == [5]
+    done = [i for i in range(len(partial)) if i not in partial.missing and i != 5]
+    assert all(partial[i] == i * 10 for i in done)
+    if any_backend["backend"] == "serial":
+        assert done == [0, 1, 2, 3, 4] and partial.missing == []
+
+
+def test_except_clause_of_the_old_loop_still_catches(backend: dict[str, Any]) -> None:
+    """An existing `except KeyError:` around the loop keeps working."""
+    calc = parallel_loop(fail_on, **backend)
+    try:
+        calc.map(range(5), bad=(2,), exc_type=KeyError)
+    except KeyError as err:
+        assert "iteration 2" in err.__notes__[0]
+    else:  # pragma: no cover
+        pytest.fail("KeyError was not raised")
+
+
+@pytest.mark.contract
+def test_collect_runs_every_iteration_and_reports_failures(any_backend: dict[str, Any]) -> None:
+    """on_error='collect' keeps every good result, fills failed slots, lists each Failure."""
+    calc = parallel_loop(fail_on, on_error="collect", **any_backend)
+    res = calc.map(range(10), bad=(2, 7))
+    assert not res.ok
+    assert list(res) == [0, 10, None, 30, 40, 50, 60, None, 80, 90]
+    assert [f.index for f in res.failures] == [2, 7]
+    failure = res.failures[0]
+    assert isinstance(failure, Failure)
+    assert failure.args == (2,) and failure.kwargs == {"bad": (2, 7)} and failure.attempts == 1
+    assert type(failure.exception) is ValueError and str(failure.exception) == "bad value 2"
+    assert "Traceback" in failure.traceback and "bad value 2" in failure.traceback
+    with pytest.raises(ExceptionGroup) as group:
+        res.raise_failures()
+    assert [str(e) for e in group.value.exceptions] == ["bad value 2", "bad value 7"]
+
+
+def test_collect_keeps_unzipped_outputs_aligned(backend: dict[str, Any]) -> None:
+    """Failed slots hold the fill value in every unzipped list."""
+
+    def pair(x: int) -> tuple[int, int]:
+        if x == 1:
+            raise ValueError(x)
+        return x, -x
+
+    res = parallel_loop(pair, on_error="collect", **backend).map(range(3))
+    assert res.unzip() == ([0, None, 2], [0, None, -2])
+    assert res.unzip(fill=-1) == ([0, -1, 2], [0, -1, -2])
+
+
+def test_raise_failures_is_a_no_op_when_ok(backend: dict[str, Any]) -> None:
+    res = parallel_loop(square, **backend).map(range(3))
+    res.raise_failures()
+
+
+def test_imap_raises_at_the_failed_position(backend: dict[str, Any]) -> None:
+    """imap yields the results before the failure, then raises the original type."""
+    it = parallel_loop(fail_on, chunksize=1, **backend).imap(range(6), bad=(3,))
+    got = []
+    with pytest.raises(ValueError, match="bad value 3"):
+        for value in it:
+            got.append(value)
+    assert got == [0, 10, 20]
+
+
+def test_imap_collect_yields_none_and_lists_failures(backend: dict[str, Any]) -> None:
+    it = parallel_loop(fail_on, on_error="collect", **backend).imap(range(5), bad=(1,))
+    assert list(it) == [0, None, 20, 30, 40]
+    assert [f.index for f in it.failures] == [1]
+
+
+def test_retries_try_again_and_count_attempts(backend: dict[str, Any]) -> None:
+    """retries=N runs a failing iteration N more times; Failure.attempts counts them."""
+    res = parallel_loop(fail_on, retries=2, on_error="collect", **backend).map(range(4), bad=(1,))
+    assert [f.attempts for f in res.failures] == [3]
+    assert "failed 3 attempts" in res.failures[0].exception.__notes__[0]
+
+
+def test_retries_recover_a_flaky_iteration(tmp_path: Path) -> None:
+    """An iteration that fails once and then succeeds counts as a success."""
+    marker = tmp_path / "seen"
+
+    def flaky(x: int) -> int:
+        if x == 2 and not marker.exists():
+            marker.touch()
+            raise OSError("transient")
+        return x
+
+    res = parallel_loop(flaky, retries=1, workers=2).map(range(4))
+    assert list(res) == [0, 1, 2, 3] and res.ok
+
+
+# --- Values that cannot cross the process boundary (process backend) ---
+
+
+def test_unpicklable_argument_fails_only_its_iteration() -> None:
+    """An argument that cannot be pickled fails its iteration with a clear message."""
+    import threading
+
+    res = parallel_loop(lambda x: type(x).__name__, on_error="collect", workers=2).map([1, threading.Lock(), 3])
+    assert res[0] == "int" and res[2] == "int" and res[1] is None
+    [failure] = res.failures
+    assert failure.index == 1 and isinstance(failure.exception, SerializationError)
+    assert str(failure.exception).startswith("arguments of iteration 1 could not be pickled: TypeError")
+
+
+def test_unpicklable_result_fails_only_its_iteration() -> None:
+    """A result that cannot be pickled fails its iteration, naming the stage and the type."""
+    res = parallel_loop(return_lock, on_error="collect", workers=2).map(range(4))
+    assert [res[i] for i in (0, 1, 3)] == [0, 1, 3]
+    [failure] = res.failures
+    assert isinstance(failure.exception, SerializationError)
+    assert str(failure.exception) == (
+        "result of iteration 2 could not be pickled: TypeError: cannot pickle '_thread.lock' object"
+    )
+
+
+def test_result_that_cannot_be_unpickled_fails_only_its_iteration() -> None:
+    res = parallel_loop(return_breaks_on_load, on_error="collect", workers=2).map(range(3))
+    assert res[0] == 0 and res[2] == 2
+    [failure] = res.failures
+    assert str(failure.exception).startswith("result of iteration 1 could not be unpickled: RuntimeError")
+
+
+def test_exception_that_cannot_be_pickled_comes_back_as_a_stand_in() -> None:
+    """An exception that refuses pickling arrives as RemoteError with its type name and text."""
+    res = parallel_loop(raise_unpicklable, on_error="collect", workers=2).map(range(3))
+    [failure] = res.failures
+    assert isinstance(failure.exception, RemoteError)
+    assert failure.exception.type_name == "_helpers.Unpicklable" and failure.exception.message == "nope"
+    assert "raise Unpicklable" in failure.traceback
+
+
+def test_exception_that_cannot_be_unpickled_comes_back_as_its_own_type() -> None:
+    """An exception whose __init__ needs two arguments is rebuilt without calling __init__."""
+    with pytest.raises(NeedsTwoArgs, match="1-2") as info:
+        parallel_loop(raise_needs_two, workers=2).map(range(3))
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "raise NeedsTwoArgs(x, 2)" in str(info.value.__cause__)
+
+
+def test_exception_whose_reduce_refuses_comes_back_as_its_own_type() -> None:
+    res = parallel_loop(raise_refuses_pickling, on_error="collect", workers=2).map(range(3))
+    assert type(res.failures[0].exception) is RefusesPickling and str(res.failures[0].exception) == "nope"
+
+
+def test_frozen_exceptions_get_their_note_and_partial_result(backend: dict[str, Any]) -> None:
+    """Exceptions that refuse new attributes are still annotated."""
+
+    @dataclass(frozen=True)
+    class Frozen(Exception):
+        code: int
+
+    def boom(x: int) -> int:
+        raise Frozen(x)
+
+    with pytest.raises(Frozen) as info:
+        parallel_loop(boom, **backend).map([4])
+    assert info.value.__notes__[0].startswith("iteration 0: ")
+    assert isinstance(info.value.partial_result, LoopResult)  # type: ignore[attr-defined]
+
+
+def test_worker_traceback_points_at_the_users_file_and_line(backend: dict[str, Any]) -> None:
+    """The traceback text names this file, the failing line and its source."""
+
+    def explode(x: int) -> None:
+        raise LookupError(f"no {x}")  # the line the traceback must show
+
+    res = parallel_loop(explode, on_error="collect", **backend).map([1])
+    tb_text = res.failures[0].traceback
+    assert f'File "{__file__}"' in tb_text
+    assert 'raise LookupError(f"no {x}")  # the line the traceback must show' in tb_text
+    assert "autopar" not in tb_text.split("\n", 2)[1], "autopar's own frame leaked into the traceback"
+
+
+def test_sys_exit_in_an_iteration_fails_only_that_iteration(backend: dict[str, Any]) -> None:
+    import sys
+
+    def leave(x: int) -> int:
+        if x == 1:
+            sys.exit(4)
+        return x
+
+    res = parallel_loop(leave, on_error="collect", **backend).map(range(3))
+    assert res[0] == 0 and res[2] == 2 and isinstance(res.failures[0].exception, SystemExit)
+
+
+def test_exceptions_round_trip_through_pickle() -> None:
+    """autopar's own exceptions survive pickling (they travel between processes)."""
+    crashed = autopar.WorkerCrashed("died", exitcode=-9, pid=123)
+    copy = pickle.loads(pickle.dumps(crashed))
+    assert (str(copy), copy.exitcode, copy.pid, copy.signal_name) == ("died", -9, 123, "SIGKILL")
+    stand_in = pickle.loads(pickle.dumps(RemoteError("mod.Err", "text")))
+    assert (stand_in.type_name, stand_in.message, str(stand_in)) == ("mod.Err", "text", "mod.Err: text")
+    timeout = pickle.loads(pickle.dumps(autopar.IterationTimeout("slow")))
+    assert isinstance(timeout, TimeoutError) and str(timeout) == "slow"

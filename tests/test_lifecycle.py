@@ -1,0 +1,89 @@
+"""Warm pools, shutdown, crashes that replace the pool, and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import autopar
+from _helpers import die, square, whoami
+from autopar import WorkerCrashed, parallel_loop
+from conftest import worker_children
+
+
+def test_pools_are_reused_across_calls() -> None:
+    """A second loop with the same configuration runs on the same warm workers."""
+    calc = parallel_loop(whoami, workers=2, chunksize=1)
+    first = set(calc.map(range(20)))
+    second = set(calc.map(range(20)))
+    assert first == second and len(first) == 2
+
+
+def test_shutdown_closes_every_pool_and_the_next_loop_starts_fresh() -> None:
+    calc = parallel_loop(whoami, workers=2, chunksize=1)
+    before = set(calc.map(range(10)))
+    autopar.shutdown()
+    assert not any(child.pid in before for child in worker_children())
+    after = set(calc.map(range(10)))
+    assert before.isdisjoint(after)
+
+
+@pytest.mark.contract
+def test_a_dead_worker_fails_its_iterations_and_the_pool_is_replaced(start_method: str) -> None:
+    """A worker that exits fails iterations with WorkerCrashed; the next loop works."""
+    calc = parallel_loop(die, workers=2, chunksize=1, on_error="collect", start_method=start_method)
+    res = calc.map(range(6))
+    assert 1 in [f.index for f in res.failures]
+    assert all(isinstance(f.exception, WorkerCrashed) for f in res.failures)
+    assert res[0] == 0 or 0 in [f.index for f in res.failures]
+    assert list(calc.map([0, 2, 3])) == [0, 2, 3]
+
+
+def test_keyboard_interrupt_stops_the_loop_and_leaves_no_worker(tmp_path: Path) -> None:
+    """Ctrl-C in the parent re-raises KeyboardInterrupt promptly and kills the workers."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, time, psutil
+            from autopar import parallel_loop
+
+            @parallel_loop(workers=2, chunksize=1)
+            def slow(x):
+                time.sleep(30)
+
+            if __name__ == "__main__":
+                print("ready", flush=True)
+                try:
+                    slow.map(range(8))
+                except KeyboardInterrupt:
+                    time.sleep(0.5)
+                    alive = [c for c in psutil.Process().children(recursive=True) if c.status() != "zombie"]
+                    workers = [c for c in alive if "resource_tracker" not in " ".join(c.cmdline())]
+                    print("interrupted, children left:", len(workers), flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert "interrupted, children left: 0" in out
+    assert time.monotonic() - started < 5
+
+
+def test_thread_and_serial_backends_run_in_this_process() -> None:
+    for backend in ("thread", "serial"):
+        assert set(parallel_loop(lambda _: os.getpid(), backend=backend).map(range(4))) == {os.getpid()}
+    assert list(parallel_loop(square, backend="thread", workers=3).map(range(5))) == [0, 1, 4, 9, 16]

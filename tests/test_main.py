@@ -1,0 +1,81 @@
+"""Functions defined in __main__ (scripts, notebooks) work under every start method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+pytestmark = pytest.mark.contract
+
+SCRIPT = """
+    import sys
+    import cloudpickle
+    from autopar import LoopFunction, parallel_loop
+
+    offset = 0.5
+
+    @parallel_loop(workers=2, start_method=sys.argv[1])
+    def calc_stuff(parameter):
+        if parameter == 3 * offset:
+            raise ValueError("three")  # failing line
+        return parameter, parameter * 2, -parameter
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    if __name__ == "__main__":
+        out1, out2, out3 = calc_stuff.options(on_error="collect").map(j * offset for j in range(6)).unzip()
+        print("outputs", out1, out2, out3)
+        res = calc_stuff.options(on_error="collect").map([3 * offset])
+        print("traceback", res.failures[0].traceback)
+        points = parallel_loop(lambda p: p.x + 1, workers=2, start_method=sys.argv[1]).map([Point(1), Point(2)])
+        print("points", list(points))
+        restored = cloudpickle.loads(cloudpickle.dumps(calc_stuff))
+        print("restored", type(restored).__name__, isinstance(restored, LoopFunction))
+"""
+
+
+def test_main_module_functions_classes_and_lambdas(tmp_path: Path, start_method: str) -> None:
+    """A script's own function, class and lambda run on workers; tracebacks name its lines."""
+    out = run_script(SCRIPT, tmp_path, start_method).stdout
+    assert "outputs [0.0, 0.5, 1.0, None, 2.0, 2.5] [0.0, 1.0, 2.0, None, 4.0, 5.0]" in out
+    assert f'File "{tmp_path / "script.py"}", line 11, in calc_stuff' in out
+    assert 'raise ValueError("three")  # failing line' in out
+    assert "points [2, 3]" in out
+    assert "restored LoopFunction True" in out
+
+
+NOTEBOOK = r"""
+    import sys
+    from autopar import parallel_loop
+
+    source = (
+        "def cell_function(x):\n"
+        "    if x == 2:\n"
+        "        raise KeyError('cell')  # cell line\n"
+        "    return x * 3\n"
+    )
+    namespace = {"__name__": "__main__"}
+    # What a notebook does: compile a cell under a pseudo file name known only to linecache.
+    import linecache
+    linecache.cache["<ipython-input-1>"] = (len(source), None, source.splitlines(True), "<ipython-input-1>")
+    exec(compile(source, "<ipython-input-1>", "exec"), namespace)
+
+    if __name__ == "__main__":
+        fn = parallel_loop(namespace["cell_function"], workers=2, start_method=sys.argv[1], on_error="collect")
+        res = fn.map(range(4))
+        print("values", list(res))
+        print(res.failures[0].traceback)
+"""
+
+
+def test_notebook_cell_functions_run_and_show_their_source(tmp_path: Path, start_method: str) -> None:
+    """A function compiled from a notebook cell runs; the parent fills in its source lines."""
+    out = run_script(NOTEBOOK, tmp_path, start_method).stdout
+    assert "values [0, 3, None, 9]" in out
+    assert 'File "<ipython-input-1>", line 3, in cell_function' in out
+    assert "raise KeyError('cell')  # cell line" in out

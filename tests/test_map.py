@@ -1,0 +1,144 @@
+"""map, starmap and imap on every backend: order, outputs, arguments, laziness."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from _helpers import Scaler, square, three_outputs, whoami
+from autopar import LoopResult, parallel_loop
+
+
+@pytest.mark.contract
+def test_map_returns_results_in_input_order(any_backend: dict[str, Any]) -> None:
+    """Results come back in input order, whatever order workers finish in."""
+    res = parallel_loop(square, **any_backend).map(range(50))
+    assert isinstance(res, LoopResult)
+    assert list(res) == [x * x for x in range(50)]
+    assert res.ok and res.failures == []
+
+
+@pytest.mark.contract
+def test_seed_loop_unzips_three_outputs(any_backend: dict[str, Any]) -> None:
+    """The legacy three-output append loop and unzip() give the same lists."""
+    offset = 0.5
+    legacy: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    for j in range(10):
+        for column, value in zip(legacy, three_outputs(j * offset), strict=True):
+            column.append(value)
+    calc = parallel_loop(three_outputs, **any_backend)
+    out1, out2, out3 = calc.map(j * offset for j in range(10)).unzip()
+    assert (out1, out2, out3) == legacy
+
+
+def test_several_iterables_are_zipped_like_builtin_map(backend: dict[str, Any]) -> None:
+    """map(xs, ys) zips its iterables and stops at the shortest."""
+    add = parallel_loop(lambda a, b: a + b, **backend)
+    assert list(add.map([1, 2, 3], (10, 20, 30, 40))) == [11, 22, 33]
+
+
+def test_keyword_arguments_are_broadcast(backend: dict[str, Any]) -> None:
+    """Keyword arguments of map go to every iteration."""
+    res = parallel_loop(three_outputs, **backend).map(range(4), offset=2.0)
+    assert res.unzip()[1] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_starmap_unpacks_argument_tuples(backend: dict[str, Any]) -> None:
+    """starmap passes each element as positional arguments."""
+    power = parallel_loop(pow, **backend)
+    assert list(power.starmap([(2, 3), (3, 2), (10, 0)])) == [8, 9, 1]
+
+
+def test_starmap_names_an_element_that_is_not_a_tuple(backend: dict[str, Any]) -> None:
+    """A bad starmap element is a TypeError naming its position."""
+    with pytest.raises(TypeError, match=r"element 1 is 5 \(int\)"):
+        parallel_loop(pow, **backend).starmap([(2, 3), 5])
+
+
+@pytest.mark.parametrize("n", [None, 3])
+def test_empty_input(backend: dict[str, Any], n: int | None) -> None:
+    """An empty loop gives an empty result; unzip(n) still gives n lists."""
+    res = parallel_loop(three_outputs, **backend).map([])
+    assert len(res) == 0 and res.ok and res.stats.iterations == 0
+    assert res.unzip(n) == (() if n is None else ([], [], []))
+
+
+def test_lambdas_and_closures_run_on_workers(backend: dict[str, Any]) -> None:
+    """Functions plain pickle refuses (lambdas, closures) are shipped by cloudpickle."""
+    base = 7
+
+    def add_base(x: int) -> int:
+        return x + base
+
+    assert list(parallel_loop(add_base, **backend).map(range(3))) == [7, 8, 9]
+    assert list(parallel_loop(lambda x: -x, **backend).map(range(3))) == [0, -1, -2]
+
+
+def test_methods_map_over_their_instance(backend: dict[str, Any]) -> None:
+    """obj.method.map runs the method bound to obj."""
+    scaler = Scaler(3)
+    assert scaler.scale(2) == 6
+    assert list(scaler.scale.options(**backend).map(range(4))) == [0, 3, 6, 9]
+    if backend["backend"] == "process":
+        assert list(scaler.scale.map(range(4))) == [0, 3, 6, 9]
+
+
+def test_imap_yields_in_order_and_reads_input_lazily(backend: dict[str, Any]) -> None:
+    """imap reads an endless input only as far as needed, and yields in input order."""
+    pulled = itertools.count()
+
+    def numbers() -> Any:
+        for x in itertools.count():
+            next(pulled)
+            yield x
+
+    it = parallel_loop(square, **backend).imap(numbers())
+    first = list(itertools.islice(it, 20))
+    it.close()
+    assert first == [x * x for x in range(20)]
+    read = next(pulled)
+    if backend["backend"] == "serial":
+        assert read <= 21, "the serial backend must run one iteration at a time, like the old loop"
+    else:  # a bounded window of chunks is read ahead, never the whole (endless) input
+        assert read < 100_000
+
+
+def test_imap_over_a_large_input_is_complete(backend: dict[str, Any]) -> None:
+    """imap delivers every result of a long input, in order."""
+    total = sum(parallel_loop(square, **backend).imap(range(5000)))
+    assert total == sum(x * x for x in range(5000))
+
+
+def test_stats_describe_the_loop(backend: dict[str, Any]) -> None:
+    """stats count iterations and workers and relate busy time to wall time."""
+    res = parallel_loop(square, **backend).map(range(30))
+    stats = res.stats
+    assert stats.iterations == 30
+    assert stats.workers == (1 if backend["backend"] == "serial" else 2)
+    assert stats.wall_time > 0 and stats.busy_time >= 0 and stats.chunksize >= 1
+    assert stats.speedup == pytest.approx(stats.busy_time / stats.wall_time)
+    assert stats.efficiency == pytest.approx(stats.speedup / stats.workers)
+
+
+def test_process_backend_uses_several_workers() -> None:
+    """With two workers and chunks of one, iterations run in two different processes."""
+    pids = set(parallel_loop(whoami, workers=2, chunksize=1).map(range(20)))
+    assert len(pids) == 2
+
+
+def test_fixed_chunksize_is_reported() -> None:
+    """A fixed chunksize is the one used and reported."""
+    res = parallel_loop(square, workers=2, chunksize=7).map(range(30))
+    assert res.stats.chunksize == 7 and list(res) == [x * x for x in range(30)]
+
+
+def test_user_executor_is_used_and_left_open() -> None:
+    """An executor passed as backend runs the loop and is not shut down by autopar."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as executor:
+        calc = parallel_loop(three_outputs, backend=executor)
+        assert calc.map(range(5), offset=3.0).unzip()[1] == [0.0, 3.0, 6.0, 9.0, 12.0]
+        assert executor.submit(square, 4).result() == 16

@@ -1,0 +1,84 @@
+"""Option validation, precedence and environment variables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from _helpers import nested_loop, square
+from autopar import parallel_loop
+from autopar._cpus import usable_cpu_count
+from autopar._options import Options, resolve
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"workers": 0}, ValueError, r"workers=0: must be 1 or more"),
+        ({"workers": 2.5}, TypeError, r"workers=2.5: expected a whole number"),
+        ({"backend": "proces"}, ValueError, r"backend='proces' is not a backend; choose one of 'process', 'thread'"),
+        ({"backend": 3}, TypeError, r"backend=3: expected one of 'process'.*Executor"),
+        ({"on_error": "ignore"}, ValueError, r"on_error='ignore': choose one of 'raise', 'collect'"),
+        ({"chunksize": -1}, ValueError, r"chunksize=-1: must be 1 or more"),
+        ({"timeout": 0}, ValueError, r"timeout=0: must be more than 0"),
+        ({"retries": -1}, ValueError, r"retries=-1: must be 0 or more"),
+        ({"progress": "yes"}, TypeError, r"progress='yes': expected True or False"),
+        ({"start_method": "thread"}, ValueError, r"start_method='thread': choose one of"),
+        ({"initializer": 5}, TypeError, r"initializer=5: expected a callable"),
+        ({"wokers": 2}, TypeError, r"unknown option 'wokers'; the options are: workers, backend"),
+    ],
+)
+def test_bad_options_name_option_value_and_choices(options: dict[str, Any], error: type, message: str) -> None:
+    """A bad value is rejected at decoration and in options(), naming what is wrong."""
+    with pytest.raises(error, match=message):
+        parallel_loop(**options)(square)
+    with pytest.raises(error, match=message):
+        parallel_loop(square).options(**options)
+
+
+def test_environment_backend_overrides_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AUTOPAR_BACKEND=serial runs a loop in-process whatever the decorator says."""
+    monkeypatch.setenv("AUTOPAR_BACKEND", "serial")
+    assert resolve(Options(backend="process", workers=4)).backend == "serial"
+    import os
+
+    pids = parallel_loop(lambda _: os.getpid(), workers=2).map(range(3))
+    assert set(pids) == {os.getpid()}
+
+
+def test_bad_environment_backend_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOPAR_BACKEND", "proces")
+    with pytest.raises(ValueError, match=r"AUTOPAR_BACKEND='proces' is not a backend; choose one of process"):
+        parallel_loop(square).map([1])
+
+
+def test_environment_workers_replaces_only_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOPAR_WORKERS", "3")
+    assert resolve(Options()).workers == 3
+    assert resolve(Options(workers=2)).workers == 2
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_bad_environment_workers_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("AUTOPAR_WORKERS", value)
+    with pytest.raises(ValueError, match=f"AUTOPAR_WORKERS='{value}'"):
+        resolve(Options())
+
+
+def test_default_workers_are_the_usable_cpus() -> None:
+    assert resolve(Options()).workers == usable_cpu_count()
+
+
+def test_options_are_resolved_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment is read when the loop runs, not when the function is decorated."""
+    calc = parallel_loop(square)
+    monkeypatch.setenv("AUTOPAR_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="AUTOPAR_BACKEND"):
+        calc.map([1])
+
+
+def test_a_loop_inside_a_worker_runs_serially() -> None:
+    """A loop started inside an iteration runs serially there instead of starting a pool."""
+    assert list(nested_loop.options(workers=2).map([2, 3])) == [[0, 1], [0, 1, 4]]
+    assert list(nested_loop.options(backend="thread", workers=2).map([3])) == [[0, 1, 4]]

@@ -1,0 +1,61 @@
+"""LoopResult, Failure and LoopStats on their own (no processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from autopar import Failure, LoopResult, LoopStats
+
+
+def make(values: list[Any], failed: tuple[int, ...] = ()) -> LoopResult[Any]:
+    failures = [Failure(i, (i,), {}, ValueError(i), "tb") for i in failed]
+    stats = LoopStats(wall_time=2.0, busy_time=3.0, iterations=len(values), workers=2, chunksize=1)
+    return LoopResult([None if i in failed else v for i, v in enumerate(values)], failures, stats)
+
+
+def test_sequence_protocol() -> None:
+    res = make([10, 20, 30])
+    assert len(res) == 3 and res[1] == 20 and res[-1] == 30 and res[0:2] == [10, 20]
+    assert list(res) == [10, 20, 30] and 20 in res and res.index(30) == 2
+    assert res.ok and "3 iterations" in repr(res)
+
+
+def test_unzip_tuples_lists_and_mappings() -> None:
+    assert make([(1, "a"), [2, "b"]]).unzip() == ([1, 2], ["a", "b"])
+    assert make([{"x": 1, "y": 2}, {"y": 4, "x": 3}]).unzip() == {"x": [1, 3], "y": [2, 4]}
+
+
+def test_unzip_fills_failed_slots() -> None:
+    res = make([(1, 2), None, (5, 6)], failed=(1,))
+    assert res.unzip() == ([1, None, 5], [2, None, 6])
+    assert res.unzip(2, fill=0) == ([1, 0, 5], [2, 0, 6])
+    assert make([None], failed=(0,)).unzip(3) == ([None], [None], [None])
+
+
+def test_unzip_errors_name_the_iteration() -> None:
+    with pytest.raises(TypeError, match=r"iteration 1 returned 7 \(int\), not a tuple, list or mapping"):
+        make([(1, 2), 7]).unzip()
+    with pytest.raises(TypeError, match="iteration 1 returned 3 values, expected 2"):
+        make([(1, 2), (1, 2, 3)]).unzip()
+    with pytest.raises(TypeError, match=r"iteration 0 returned 2 values, expected 3 \(unzip\(n=3\)\)"):
+        make([(1, 2)]).unzip(3)
+    with pytest.raises(TypeError, match="not a mapping with the keys"):
+        make([{"x": 1}, {"z": 1}]).unzip()
+    with pytest.raises(ValueError, match="n must be a whole number"):
+        make([]).unzip(-1)
+
+
+def test_raise_failures_groups_every_exception() -> None:
+    res = make([1, None, None], failed=(1, 2))
+    assert not res.ok
+    with pytest.raises(ExceptionGroup, match="2 of 3 iterations failed") as info:
+        res.raise_failures()
+    assert [e.args for e in info.value.exceptions] == [(1,), (2,)]
+
+
+def test_stats_derive_speedup_and_efficiency() -> None:
+    stats = make([1]).stats
+    assert stats.speedup == 1.5 and stats.efficiency == 0.75
+    assert LoopStats(0.0, 0.0, 0, 1, 1).speedup == 0.0
