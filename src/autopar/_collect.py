@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-from autopar._engine import Batch, Dispatcher
+from autopar._engine import Dispatcher
 from autopar._errors import RemoteTraceback, add_iteration_note, set_attribute
 from autopar._options import Options
 from autopar._progress import progress_bar
-from autopar._records import Item, Outcome
+from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
 
 __all__ = ["LoopIterator", "run_imap", "run_map"]
@@ -42,31 +42,25 @@ class _Collector:
 
     def add(self, batch: Batch) -> list[Failure]:
         """Store a batch; return its failures (already recorded in ``self.failures``)."""
-        values = self.values
-        failed: list[Failure] = []
-        self.iterations += len(batch)
-        for item, outcome in batch:
-            self.busy_time += outcome.seconds
-            if outcome.exception is None:
-                values[item.index] = outcome.value
-            else:
-                values[item.index] = None
-                failed.append(self._failure(item, outcome))
+        self.values.update(zip(batch.indices, batch.values, strict=True))
+        self.iterations += len(batch.indices)
+        self.busy_time += batch.seconds
+        failed = [self._failure(call, failure) for call, failure in batch.failures]
         self.failures.extend(failed)
-        self.progress.update(len(batch))
+        self.progress.update(len(batch.indices))
         return failed
 
-    def _failure(self, item: Item, outcome: Outcome) -> Failure:
-        exc = outcome.exception
-        assert exc is not None
-        kwargs = {**self.dispatcher.broadcast, **item.kwargs}
-        note = f"iteration {item.index}: {describe_call(self.name, item.args, kwargs)}"
-        if outcome.attempts > 1:
-            note += f" (failed {outcome.attempts} attempts)"
+    def _failure(self, call: Call, failed: Failed) -> Failure:
+        index, args = call
+        exc = failed.exception
+        kwargs = dict(self.dispatcher.broadcast)
+        note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"
+        if failed.attempts > 1:
+            note += f" (failed {failed.attempts} attempts)"
         add_iteration_note(exc, note)
-        if self.remote and outcome.traceback:
-            set_attribute(exc, "__cause__", RemoteTraceback(outcome.traceback))
-        return Failure(item.index, item.args, kwargs, exc, outcome.traceback, outcome.attempts)
+        if self.remote and failed.traceback:
+            set_attribute(exc, "__cause__", RemoteTraceback(failed.traceback))
+        return Failure(index, args, kwargs, exc, failed.traceback, failed.attempts)
 
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``."""
@@ -99,7 +93,7 @@ class _Collector:
 def run_map(
     function: Callable[..., Any],
     name: str,
-    calls: Iterable[Item],
+    calls: Iterable[Call],
     broadcast: dict[str, Any],
     options: Options,
     total: int | None,
@@ -172,7 +166,7 @@ class LoopIterator(Iterator[R], Generic[R]):
 def run_imap(
     function: Callable[..., Any],
     name: str,
-    calls: Iterable[Item],
+    calls: Iterable[Call],
     broadcast: dict[str, Any],
     options: Options,
     total: int | None,

@@ -17,7 +17,7 @@ import wrapt
 
 from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._options import Options, resolve, validate
-from autopar._records import Item
+from autopar._records import Call
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads
 
@@ -25,7 +25,6 @@ __all__ = ["BoundLoopFunction", "LoopFunction", "parallel_loop"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_NO_KWARGS: dict[str, Any] = {}
 
 
 def _plain_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -151,7 +150,7 @@ def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
 
 
-def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Item], int | None]:
+def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Call], int | None]:
     if not iterables:
         raise TypeError(f"{method}() needs at least one iterable of arguments")
     for position, iterable in enumerate(iterables, 1):
@@ -159,23 +158,22 @@ def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Itera
             raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
     lengths = [len(it) for it in iterables if isinstance(it, Sized)]
     total = min(lengths) if len(lengths) == len(iterables) else None
-    calls = (Item(index, args, _NO_KWARGS) for index, args in enumerate(zip(*iterables, strict=False)))
-    return calls, total
+    return enumerate(zip(*iterables, strict=False)), total
 
 
-def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[Item], int | None]:
+def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[Call], int | None]:
     if not isinstance(iterable, Iterable):
         raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
     total = len(iterable) if isinstance(iterable, Sized) else None
 
-    def calls() -> Iterator[Item]:
+    def calls() -> Iterator[Call]:
         for index, args in enumerate(iterable):
             if not isinstance(args, Iterable) or isinstance(args, str | bytes):
                 raise TypeError(
                     f"starmap(): element {index} is {args!r} ({type(args).__name__}), "
                     "not a tuple of positional arguments"
                 )
-            yield Item(index, tuple(args), _NO_KWARGS)
+            yield index, tuple(args)
 
     return calls(), total
 

@@ -2,23 +2,24 @@
 
 Data flow::
 
-    calls (lazy iterator of Item(index, args, kwargs))
+    calls (lazy iterator of (index, args))
       │  islice(next_size())              ChunkSizer: sizes from measured iteration cost
       ▼
-    chunk ── encode_items ──▶ Chunk(loop_id, chunk_id, function, broadcast, items)
+    chunk ── encode_calls ──▶ Chunk(loop_id, chunk_id, function, broadcast, calls)
       │        │ an argument that cannot be pickled fails its own iteration here
       │        ▼
       │   executor.submit(run_chunk, Chunk)        out-of-process backends (one entry point)
-      │   executor.submit(run_items, fn, chunk)    in-process backends (threads, serial)
+      │   executor.submit(run_calls, fn, chunk)    in-process backends (threads, serial)
       │        │                                    at most `2 x workers` chunks in flight
       ▼        ▼
     in_flight {future: chunk} ◀── done callbacks ── SimpleQueue of finished futures
       │
-      │  decode_outcome per iteration (a result that cannot be unpickled fails only itself)
+      │  ChunkResult: values pickled one by one (a result that cannot be unpickled fails only
+      │  itself), errors by position, the chunk's busy seconds
       │  a future that failed as a whole (worker died, executor error) fails its chunk
       │  a failed iteration with retries left goes back to the front of the line
       ▼
-    batches of (Item, Outcome), in completion order ──▶ _collect (input order, errors)
+    Batch(indices, values, failures), in completion order ──▶ _collect (input order, errors)
 
 The input is pulled only when a chunk slot frees up, so memory stays flat for huge or endless
 iterables. Closing the generator (the first failure under ``on_error="raise"``) cancels the
@@ -34,20 +35,18 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures import BrokenExecutor, CancelledError, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import Any
 
 from autopar._backends import Backend, acquire, discard
 from autopar._chunking import ChunkSizer
 from autopar._errors import WorkerCrashed
 from autopar._options import Options
-from autopar._records import Chunk, Item, Outcome
-from autopar._serialize import decode_outcome, digest, dumps, encode_items
-from autopar._worker import run_chunk, run_items
+from autopar._records import Batch, Call, Chunk, ChunkResult, Failed
+from autopar._serialize import decode_error, decode_values, digest, dumps, encode_calls
+from autopar._worker import run_calls, run_chunk
 
-__all__ = ["Batch", "Dispatcher"]
-
-Batch = list[tuple[Item, Outcome]]
+__all__ = ["Dispatcher"]
 
 
 class Dispatcher:
@@ -56,7 +55,7 @@ class Dispatcher:
     def __init__(
         self,
         function: Callable[..., Any],
-        calls: Iterable[Item],
+        calls: Iterable[Call],
         broadcast: dict[str, Any],
         options: Options,
         total: int | None = None,
@@ -73,7 +72,7 @@ class Dispatcher:
         fixed = options.chunksize or (1 if options.backend == "serial" else None)
         self._sizer = ChunkSizer(fixed, self.workers, total)
         self._window = 1 if options.backend == "serial" else 2 * self.workers
-        self._retry: deque[Item] = deque()
+        self._retry: deque[Call] = deque()
         self._attempts: dict[int, int] = {}
         self._loop_id = uuid.uuid4().hex
         self._chunk_ids = itertools.count()
@@ -84,7 +83,7 @@ class Dispatcher:
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
         finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-        in_flight: dict[Future[Any], list[Item]] = {}
+        in_flight: dict[Future[Any], tuple[list[Call], Executor]] = {}
         exhausted = False
         try:
             while True:
@@ -94,19 +93,17 @@ class Dispatcher:
                         exhausted = True
                         break
                     future, refused = self._submit(chunk)
-                    if refused:
+                    if refused is not None:
                         yield refused
                     if future is not None:
-                        in_flight[future] = chunk
+                        in_flight[future] = (chunk, self._backend_or_acquire().executor)
                         future.add_done_callback(finished.put)
                 if not in_flight:
                     if exhausted and not self._retry:
                         return
                     continue
                 future = finished.get()
-                batch = self._collect(future, in_flight.pop(future))
-                if batch:
-                    yield batch
+                yield self._collect(future, *in_flight.pop(future))
         except KeyboardInterrupt:
             if self._backend is not None and self._backend.owned:
                 discard(self._backend.executor, kill=True)
@@ -115,7 +112,7 @@ class Dispatcher:
             for future in in_flight:
                 future.cancel()
 
-    def _next_chunk(self) -> list[Item]:
+    def _next_chunk(self) -> list[Call]:
         if self._retry:
             return [self._retry.popleft()]
         size = self._sizer.next_size()
@@ -124,23 +121,44 @@ class Dispatcher:
         self.consumed += len(chunk)
         return chunk
 
-    def _submit(self, chunk: list[Item]) -> tuple[Future[Any] | None, Batch]:
+    def _backend_or_acquire(self) -> Backend:
         if self._backend is None:
             self._backend = acquire(self.options)
-        backend = self._backend
+        return self._backend
+
+    def _replace_broken_pool(self) -> None:
+        if self._backend is not None and self._backend.owned:
+            discard(self._backend.executor)
+            self._backend = None
+
+    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, Batch | None]:
+        """Submit a chunk; calls whose arguments cannot be pickled come back as a batch now."""
+        backend = self._backend_or_acquire()
         if backend.in_process:
-            return backend.executor.submit(run_items, self.function, chunk, self.broadcast), []
-        items, failed = encode_items(chunk)
-        refused: Batch = []
+            return backend.executor.submit(run_calls, self.function, chunk, self.broadcast), None
+        payload, good, failed = encode_calls(chunk)
+        refused = None
         if failed:
-            by_index = {item.index: item for item in chunk}
-            refused = [(by_index.pop(outcome.index), outcome) for outcome in failed]
-            chunk[:] = by_index.values()
+            by_index = dict(chunk)
+            refused = Batch(
+                [f.index for f in failed],
+                [None] * len(failed),
+                [((f.index, by_index[f.index]), f) for f in failed],
+                0.0,
+            )
+            chunk[:] = good
             if not chunk:
                 return None, refused
         function_key, function, broadcast_key, broadcast = self._wire_parts()
-        task = Chunk(self._loop_id, next(self._chunk_ids), function_key, function, broadcast_key, broadcast, items)
-        return backend.executor.submit(run_chunk, task), refused
+        task = Chunk(self._loop_id, next(self._chunk_ids), function_key, function, broadcast_key, broadcast, payload)
+        try:
+            return backend.executor.submit(run_chunk, task), refused
+        except BrokenExecutor:
+            if not backend.owned:
+                raise
+            # The pool broke before its failed chunk came back to us: replace it now.
+            self._replace_broken_pool()
+            return self._backend_or_acquire().executor.submit(run_chunk, task), refused
 
     def _wire_parts(self) -> tuple[str, bytes, str, bytes]:
         """The function and broadcast arguments, pickled once per loop."""
@@ -149,43 +167,55 @@ class Dispatcher:
             self._wire = (digest(function), function, digest(broadcast), broadcast)
         return self._wire
 
-    def _collect(self, future: Future[Any], chunk: list[Item]) -> Batch:
+    def _collect(self, future: Future[Any], chunk: list[Call], executor: Executor) -> Batch:
         try:
-            result = future.result()
+            result: ChunkResult = future.result()
         except CancelledError:
-            return []
+            return Batch([], [], [], 0.0)
         except BrokenExecutor as exc:
-            # The pool lost a worker: every chunk it held fails, and later chunks get a new pool.
-            if self._backend is not None and self._backend.owned:
-                discard(self._backend.executor)
-                self._backend = None
+            # The pool lost a worker: every chunk it held fails, and later chunks get a new pool
+            # (unless an earlier failed chunk of the same pool already replaced it).
+            if self._backend is not None and self._backend.executor is executor:
+                self._replace_broken_pool()
             crashed = WorkerCrashed(
                 f"a worker process died while this iteration was in its chunk ({exc}); the pool was replaced"
             )
-            return self._settle([(item, Outcome(item.index, exception=_fresh(crashed))) for item in chunk])
+            return self._chunk_failed(chunk, crashed, "")
         except Exception as exc:
-            tb_text = "".join(traceback.format_exception(exc))
-            return self._settle(
-                [(item, Outcome(item.index, exception=_fresh(exc), traceback=tb_text)) for item in chunk]
-            )
-        outcomes: list[Outcome] = result if self.in_process else [decode_outcome(w) for w in result]
-        self._sizer.record(len(outcomes), sum(outcome.seconds for outcome in outcomes))
-        by_index = {item.index: item for item in chunk}
-        return self._settle([(by_index[outcome.index], outcome) for outcome in outcomes])
+            return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
+        self._sizer.record(len(chunk), result.seconds)
+        if self.in_process:
+            values, failed = result.values, result.errors
+        else:
+            values, failed = decode_values(result.values, chunk)
+            for position, wire in result.errors.items():
+                failed[position] = decode_error(chunk[position][0], wire)
+        return self._settle(chunk, values, failed, result.seconds)
 
-    def _settle(self, batch: Batch) -> Batch:
-        """Send failed iterations with retries left back to the line; keep the rest."""
-        settled: Batch = []
-        for item, outcome in batch:
-            attempts = self._attempts.get(item.index, 0) + 1
-            outcome.attempts = attempts
-            if outcome.exception is not None and attempts <= self.options.retries:
-                self._attempts[item.index] = attempts
-                self._retry.append(item)
+    def _chunk_failed(self, chunk: list[Call], exc: BaseException, tb_text: str) -> Batch:
+        failed = {position: Failed(index, _fresh(exc), tb_text) for position, (index, _) in enumerate(chunk)}
+        return self._settle(chunk, [None] * len(chunk), failed, 0.0)
+
+    def _settle(self, chunk: list[Call], values: list[Any], failed: dict[int, Failed], seconds: float) -> Batch:
+        """Send failed iterations with retries left back to the line; batch up the rest."""
+        indices = [index for index, _ in chunk]
+        if not failed:
+            return Batch(indices, values, [], seconds)
+        final: list[tuple[Call, Failed]] = []
+        retried: set[int] = set()
+        for position, failure in failed.items():
+            call = chunk[position]
+            failure.attempts = self._attempts.pop(call[0], 0) + 1
+            if failure.attempts <= self.options.retries:
+                self._attempts[call[0]] = failure.attempts
+                self._retry.append(call)
+                retried.add(position)
             else:
-                self._attempts.pop(item.index, None)
-                settled.append((item, outcome))
-        return settled
+                final.append((call, failure))
+        if retried:
+            kept = [position for position in range(len(chunk)) if position not in retried]
+            indices, values = [indices[p] for p in kept], [values[p] for p in kept]
+        return Batch(indices, values, final, seconds)
 
 
 def _fresh(exc: BaseException) -> BaseException:

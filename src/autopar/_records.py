@@ -6,17 +6,12 @@ Only these travel between the parent and a worker: never futures, locks or execu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
-__all__ = ["Chunk", "Item", "Outcome", "WireError", "WireOutcome"]
+__all__ = ["Batch", "Call", "Chunk", "ChunkResult", "Failed", "WireError"]
 
-
-class Item(NamedTuple):
-    """One iteration's call, as the parent knows it."""
-
-    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing here uses
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+Call: TypeAlias = tuple[int, tuple[Any, ...]]
+"""One iteration's call: its index in the input and its positional arguments."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +20,9 @@ class Chunk:
 
     ``function`` and ``broadcast`` are the cloudpickled function and broadcast keyword
     arguments, identical for every chunk of a loop; the worker caches what they unpickle to
-    under ``function_key`` and ``broadcast_key``. ``items`` is the cloudpickled list of
-    ``(index, args, kwargs)``. ``loop_id`` and ``chunk_id`` make every chunk unique, so that
-    an executor that deduplicates identical calls never merges two chunks.
+    under ``function_key`` and ``broadcast_key``. ``calls`` is the cloudpickled list of
+    `Call`. ``loop_id`` and ``chunk_id`` make every chunk unique, so that an executor that
+    deduplicates identical calls never merges two chunks.
     """
 
     loop_id: str
@@ -36,7 +31,7 @@ class Chunk:
     function: bytes
     broadcast_key: str
     broadcast: bytes
-    items: bytes
+    calls: bytes
 
 
 class WireError(NamedTuple):
@@ -48,26 +43,35 @@ class WireError(NamedTuple):
     traceback: str
 
 
-class WireOutcome(NamedTuple):
-    """One iteration's outcome on the way back: a pickled value, or a `WireError`."""
+@dataclass(slots=True)
+class Failed:
+    """One failed iteration in the parent: the exception and the worker-side traceback."""
 
-    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing here uses
-    value: bytes | None
-    error: WireError | None
+    index: int
+    exception: BaseException
+    traceback: str = ""
+    attempts: int = 1
+
+
+class ChunkResult(NamedTuple):
+    """What a worker sends back for one chunk.
+
+    ``values`` has one entry per call, in order, ``None`` where the call failed: the values
+    themselves in-process, each pickled on its own out of process (so that one that cannot be
+    unpickled fails only its iteration). ``errors`` maps a call's position in the chunk to a
+    `Failed` (in-process) or a `WireError`. ``seconds`` is the time spent running the calls.
+    """
+
+    values: list[Any]
+    errors: dict[int, Any]
     seconds: float
 
 
 @dataclass(slots=True)
-class Outcome:
-    """One iteration's outcome in the parent: its value, or the exception and traceback."""
+class Batch:
+    """Finished iterations handed from the engine to the collector (completion order)."""
 
-    index: int
-    value: Any = None
-    exception: BaseException | None = None
-    traceback: str = ""
-    seconds: float = 0.0
-    attempts: int = 1
-
-    @property
-    def ok(self) -> bool:
-        return self.exception is None
+    indices: list[int]
+    values: list[Any]
+    failures: list[tuple[Call, Failed]]
+    seconds: float

@@ -9,6 +9,7 @@ cloudpickle where it cannot, so one bad result never costs another iteration its
 from __future__ import annotations
 
 import copyreg
+import functools
 import hashlib
 import io
 import linecache
@@ -23,16 +24,18 @@ from typing import Any, ClassVar
 import cloudpickle
 
 from autopar._errors import RemoteError, SerializationError
-from autopar._records import Item, Outcome, WireError, WireOutcome
+from autopar._records import Call, Failed, WireError
 
 __all__ = [
-    "decode_outcome",
+    "decode_error",
+    "decode_values",
     "describe",
     "digest",
     "dumps",
+    "encode_calls",
     "encode_error",
-    "encode_items",
     "encode_value",
+    "encode_values",
     "format_worker_traceback",
     "loads",
 ]
@@ -78,29 +81,28 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def encode_items(items: list[Item]) -> tuple[bytes, list[Outcome]]:
+def encode_calls(calls: list[Call]) -> tuple[bytes, list[Call], list[Failed]]:
     """Pickle a chunk's calls in one go; when that fails, find and fail the culprits.
 
-    Returns the pickled list of the calls that pickle, and an `Outcome` for each one that
-    does not, so that one unpicklable argument costs only its own iteration.
+    Returns the pickled calls that pickle, those calls, and a `Failed` for each one that does
+    not, so that one unpicklable argument costs only its own iteration.
     """
-    calls = [(item.index, item.args, item.kwargs) for item in items]
     try:
-        return dumps(calls), []
+        return dumps(calls), calls, []
     except Exception:
         pass
-    good: list[tuple[Any, ...]] = []
-    failed: list[Outcome] = []
+    good: list[Call] = []
+    failed: list[Failed] = []
     for call in calls:
         try:
             dumps(call)
         except Exception as exc:
             error = SerializationError(f"arguments of iteration {call[0]} could not be pickled: {describe(exc)}")
             error.__cause__ = exc
-            failed.append(Outcome(call[0], exception=error))
+            failed.append(Failed(call[0], error))
         else:
             good.append(call)
-    return dumps(good), failed
+    return dumps(good), good, failed
 
 
 def encode_value(value: Any) -> bytes:
@@ -109,6 +111,51 @@ def encode_value(value: Any) -> bytes:
         return pickle.dumps(value, _PROTOCOL)
     except Exception:
         return dumps(value)
+
+
+_dumps_plain = functools.partial(pickle.dumps, protocol=_PROTOCOL)
+
+
+def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireError]) -> list[bytes]:
+    """Pickle each result on its own; one that cannot be pickled becomes its call's error."""
+    try:
+        return list(map(_dumps_plain, values))  # the common case, at C speed
+    except Exception:
+        pass
+    encoded: list[bytes] = []
+    for position, value in enumerate(values):
+        try:
+            encoded.append(encode_value(value))
+        except Exception as exc:
+            error = SerializationError(
+                f"result of iteration {calls[position][0]} could not be pickled: {describe(exc)}"
+            )
+            errors[position] = encode_error(error, "")
+            encoded.append(_NONE)
+    return encoded
+
+
+_NONE = pickle.dumps(None)
+
+
+def decode_values(blobs: list[bytes], calls: list[Call]) -> tuple[list[Any], dict[int, Failed]]:
+    """Unpickle each result in the parent; one that cannot be unpickled fails its iteration."""
+    try:
+        return list(map(loads, blobs)), {}
+    except Exception:
+        pass
+    values: list[Any] = []
+    failed: dict[int, Failed] = {}
+    for position, blob in enumerate(blobs):
+        try:
+            values.append(loads(blob))
+        except Exception as exc:
+            index = calls[position][0]
+            error = SerializationError(f"result of iteration {index} could not be unpickled: {describe(exc)}")
+            error.__cause__ = exc
+            failed[position] = Failed(index, error)
+            values.append(None)
+    return values, failed
 
 
 def encode_error(exc: BaseException, tb_text: str) -> WireError:
@@ -143,18 +190,9 @@ class _ExceptionParts:
         return exc
 
 
-def decode_outcome(wire: WireOutcome) -> Outcome:
-    """Unpickle one iteration's outcome in the parent; a failure here fails that iteration."""
-    if wire.error is not None:
-        exception = _rebuild_exception(wire.error)
-        tb_text = fill_source_lines(wire.error.traceback)
-        return Outcome(wire.index, exception=exception, traceback=tb_text, seconds=wire.seconds)
-    try:
-        return Outcome(wire.index, value=loads(wire.value or b"N."), seconds=wire.seconds)
-    except Exception as exc:
-        error = SerializationError(f"result of iteration {wire.index} could not be unpickled: {describe(exc)}")
-        error.__cause__ = exc
-        return Outcome(wire.index, exception=error, seconds=wire.seconds)
+def decode_error(index: int, wire: WireError) -> Failed:
+    """The worker's exception for one iteration, with its traceback text."""
+    return Failed(index, _rebuild_exception(wire), fill_source_lines(wire.traceback))
 
 
 def _rebuild_exception(wire: WireError) -> BaseException:

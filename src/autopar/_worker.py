@@ -2,7 +2,7 @@
 
 This module is imported in every worker process, so it stays light and knows nothing of
 executors or futures. `run_chunk` is the single entry point that every out-of-process backend
-receives; `run_items` is the same loop for in-process backends (threads, serial), which need
+receives; `run_calls` is the same loop for in-process backends (threads, serial), which need
 no pickling and keep the live exception and its traceback.
 """
 
@@ -12,14 +12,14 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from autopar._errors import SerializationError
-from autopar._records import Chunk, Item, Outcome, WireOutcome
-from autopar._serialize import describe, encode_error, encode_value, format_worker_traceback, loads
+from autopar._records import Call, Chunk, ChunkResult, Failed
+from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
 
-__all__ = ["in_worker", "initialize_worker", "run_chunk", "run_items"]
+__all__ = ["in_worker", "initialize_worker", "run_calls", "run_chunk"]
 
 _CACHE_SIZE = 16
 _cache: OrderedDict[str, Any] = OrderedDict()
@@ -44,8 +44,8 @@ def in_worker() -> bool:
     return _is_worker_process or getattr(_local, "depth", 0) > 0
 
 
-def run_chunk(chunk: Chunk) -> list[WireOutcome]:
-    """Run one chunk sent by the parent and return each iteration's outcome, pickled alone.
+def run_chunk(chunk: Chunk) -> ChunkResult:
+    """Run one chunk sent by the parent; every value and exception is pickled on its own.
 
     A failure to unpickle the function, the broadcast arguments or the calls raises here and
     so fails every iteration of the chunk; anything an iteration does fails only itself.
@@ -53,44 +53,40 @@ def run_chunk(chunk: Chunk) -> list[WireOutcome]:
     function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
     broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
     try:
-        calls: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = loads(chunk.items)
+        calls: list[Call] = loads(chunk.calls)
     except Exception as exc:
         raise SerializationError(
             f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
         ) from exc
-    return [_encode(outcome) for outcome in _run(function, map(Item._make, calls), broadcast)]
+    values, errors, seconds = _run(function, calls, broadcast)
+    wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
+    return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds)
 
 
-def run_items(function: Callable[..., Any], items: list[Item], broadcast: dict[str, Any]) -> list[Outcome]:
+def run_calls(function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any]) -> ChunkResult:
     """Run a chunk in this process, keeping live values and exceptions."""
-    return list(_run(function, items, broadcast))
+    values, errors, seconds = _run(function, calls, broadcast)
+    failed = {position: Failed(calls[position][0], exc, tb_text) for position, (exc, tb_text) in errors.items()}
+    return ChunkResult(values, failed, seconds)
 
 
-def _run(function: Callable[..., Any], items: Iterable[Item], broadcast: dict[str, Any]) -> Iterable[Outcome]:
+def _run(
+    function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any]
+) -> tuple[list[Any], dict[int, tuple[BaseException, str]], float]:
+    values: list[Any] = []
+    errors: dict[int, tuple[BaseException, str]] = {}
     _local.depth = getattr(_local, "depth", 0) + 1
+    started = time.perf_counter()
     try:
-        for index, args, kwargs in items:
-            call_kwargs = {**broadcast, **kwargs} if kwargs else broadcast
-            started = time.perf_counter()
+        for position, (_, args) in enumerate(calls):
             try:
-                value = function(*args, **call_kwargs)
+                values.append(function(*args, **broadcast))
             except (Exception, SystemExit) as exc:
-                seconds = time.perf_counter() - started
-                yield Outcome(index, exception=exc, traceback=format_worker_traceback(exc), seconds=seconds)
-            else:
-                yield Outcome(index, value=value, seconds=time.perf_counter() - started)
+                values.append(None)
+                errors[position] = (exc, format_worker_traceback(exc))
     finally:
         _local.depth -= 1
-
-
-def _encode(outcome: Outcome) -> WireOutcome:
-    if outcome.exception is not None:
-        return WireOutcome(outcome.index, None, encode_error(outcome.exception, outcome.traceback), outcome.seconds)
-    try:
-        return WireOutcome(outcome.index, encode_value(outcome.value), None, outcome.seconds)
-    except Exception as exc:
-        error = SerializationError(f"result of iteration {outcome.index} could not be pickled: {describe(exc)}")
-        return WireOutcome(outcome.index, None, encode_error(error, ""), outcome.seconds)
+    return values, errors, time.perf_counter() - started
 
 
 def _unpickle_cached(key: str, data: bytes, what: str) -> Any:
