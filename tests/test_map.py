@@ -142,3 +142,10 @@ def test_user_executor_is_used_and_left_open() -> None:
         calc = parallel_loop(three_outputs, backend=executor)
         assert calc.map(range(5), offset=3.0).unzip()[1] == [0.0, 3.0, 6.0, 9.0, 12.0]
         assert executor.submit(square, 4).result() == 16
+
+
+def test_automatic_chunks_grow_for_cheap_iterations() -> None:
+    """Cheap iterations are grouped: the chunk size reached is well above one."""
+    res = parallel_loop(square, workers=2).map(range(20_000))
+    assert res.stats.chunksize > 64
+    assert list(res) == [x * x for x in range(20_000)]

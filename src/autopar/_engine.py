@@ -115,10 +115,10 @@ class Dispatcher:
     def _next_chunk(self) -> list[Call]:
         if self._retry:
             return [self._retry.popleft()]
-        size = self._sizer.next_size()
-        self.chunksize = size
-        chunk = list(itertools.islice(self._calls, size))
+        chunk = list(itertools.islice(self._calls, self._sizer.next_size()))
         self.consumed += len(chunk)
+        # Report the size the loop settled on, not the shrinking tail or the empty last read.
+        self.chunksize = max(self.chunksize, len(chunk))
         return chunk
 
     def _backend_or_acquire(self) -> Backend:

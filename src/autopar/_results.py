@@ -52,7 +52,7 @@ class LoopStats:
     iterations: int
     workers: int
     chunksize: int
-    """The chunk size used, or the last one the automatic chunking chose."""
+    """The chunk size used, or the largest one the automatic chunking reached."""
 
     @property
     def speedup(self) -> float:
