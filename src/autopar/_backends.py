@@ -18,6 +18,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+from autopar import _shared
 from autopar._options import Options
 from autopar._serialize import dumps
 from autopar._worker import initialize_worker
@@ -47,13 +48,15 @@ class Backend:
     """An executor and how the engine must talk to it.
 
     ``in_process`` backends share memory with the parent: chunks travel as live objects,
-    unpickled. ``owned`` executors were made by autopar and may be discarded when broken.
+    unpickled. ``local`` process backends run on this machine, so large buffers can travel
+    through shared memory. ``owned`` executors were made by autopar and may be discarded.
     """
 
     executor: Executor
     in_process: bool
     owned: bool
     workers: int
+    local: bool = False
 
 
 _pools: dict[tuple[Any, ...], Executor] = {}
@@ -68,14 +71,15 @@ def acquire(options: Options) -> Backend:
     backend = options.backend
     if isinstance(backend, Executor):
         in_process = isinstance(backend, ThreadPoolExecutor | SerialExecutor)
-        return Backend(backend, in_process=in_process, owned=False, workers=workers)
+        local = isinstance(backend, ProcessPoolExecutor)
+        return Backend(backend, in_process=in_process, owned=False, workers=workers, local=local)
     if backend == "serial":
         return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
     if backend == "thread":
         key: tuple[Any, ...] = ("thread", workers)
         return Backend(_cached(key, lambda: ThreadPoolExecutor(workers, "autopar")), True, True, workers)
     key = ("process", workers, options.start_method, options.initializer, options.initargs)
-    return Backend(_cached(key, lambda: _make_process_pool(options, workers)), False, True, workers)
+    return Backend(_cached(key, lambda: _make_process_pool(options, workers)), False, True, workers, local=True)
 
 
 def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
@@ -125,3 +129,4 @@ def shutdown() -> None:
         _pools.clear()
     for executor in executors:
         executor.shutdown(wait=True, cancel_futures=True)
+    _shared.shutdown()

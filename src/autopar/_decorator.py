@@ -96,6 +96,11 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
     def _loop_options(self) -> Options:
         return self._self_options
 
+    @property
+    def _autopar_unwrapped(self) -> Callable[P, R]:
+        """What a worker calls: the function itself, without the call-through wrapper."""
+        return self.__wrapped__
+
     def __repr__(self) -> str:
         return f"<parallel_loop {self._loop_name()}>"
 

@@ -36,14 +36,16 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from autopar._backends import Backend, acquire, discard
 from autopar._chunking import ChunkSizer
 from autopar._errors import WorkerCrashed
 from autopar._options import Options
-from autopar._records import Batch, Call, Chunk, ChunkResult, Failed
-from autopar._serialize import decode_error, decode_values, digest, dumps, encode_calls
+from autopar._records import Batch, Call, Chunk, ChunkResult, Failed, Payload
+from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
+from autopar._shared import pack, release
 from autopar._worker import run_calls, run_chunk
 
 __all__ = ["Dispatcher"]
@@ -76,14 +78,15 @@ class Dispatcher:
         self._attempts: dict[int, int] = {}
         self._loop_id = uuid.uuid4().hex
         self._chunk_ids = itertools.count()
-        self._wire: tuple[str, bytes, str, bytes] | None = None
+        self._wire: tuple[str, Payload, str, Payload] | None = None
+        self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
 
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
         finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-        in_flight: dict[Future[Any], tuple[list[Call], Executor]] = {}
+        in_flight: dict[Future[Any], tuple[list[Call], Executor, SharedMemory | None]] = {}
         exhausted = False
         try:
             while True:
@@ -92,25 +95,31 @@ class Dispatcher:
                     if not chunk:
                         exhausted = True
                         break
-                    future, refused = self._submit(chunk)
+                    future, segment, refused = self._submit(chunk)
                     if refused is not None:
                         yield refused
                     if future is not None:
-                        in_flight[future] = (chunk, self._backend_or_acquire().executor)
+                        in_flight[future] = (chunk, self._backend_or_acquire().executor, segment)
                         future.add_done_callback(finished.put)
                 if not in_flight:
                     if exhausted and not self._retry:
                         return
                     continue
                 future = finished.get()
-                yield self._collect(future, *in_flight.pop(future))
+                chunk, executor, segment = in_flight.pop(future)
+                release(segment)
+                yield self._collect(future, chunk, executor)
         except KeyboardInterrupt:
             if self._backend is not None and self._backend.owned:
                 discard(self._backend.executor, kill=True)
             raise
         finally:
-            for future in in_flight:
+            # A chunk still running may read its segments: those are removed, not kept for reuse.
+            for future, (_, _, segment) in in_flight.items():
                 future.cancel()
+                release(segment, reuse=False)
+            for segment in self._loop_segments:
+                release(segment, reuse=not in_flight)
 
     def _next_chunk(self) -> list[Call]:
         if self._retry:
@@ -131,40 +140,52 @@ class Dispatcher:
             discard(self._backend.executor)
             self._backend = None
 
-    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, Batch | None]:
-        """Submit a chunk; calls whose arguments cannot be pickled come back as a batch now."""
+    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, SharedMemory | None, Batch | None]:
+        """Submit a chunk: its future, the segment its large buffers went to (released when
+        it comes back), and a batch of the calls whose arguments could not be pickled."""
         backend = self._backend_or_acquire()
         if backend.in_process:
-            return backend.executor.submit(run_calls, self.function, chunk, self.broadcast), None
-        payload, good, failed = encode_calls(chunk)
+            return backend.executor.submit(run_calls, self.function, chunk, self.broadcast), None, None
         refused = None
-        if failed:
-            by_index = dict(chunk)
+        try:
+            payload, segment = pack(chunk, shared=backend.local)
+        except Exception:
+            good, failed = split_unpicklable(chunk)
+            calls = dict(chunk)
             refused = Batch(
-                [f.index for f in failed],
-                [None] * len(failed),
-                [((f.index, by_index[f.index]), f) for f in failed],
-                0.0,
+                [f.index for f in failed], [None] * len(failed), [((f.index, calls[f.index]), f) for f in failed], 0.0
             )
             chunk[:] = good
             if not chunk:
-                return None, refused
-        function_key, function, broadcast_key, broadcast = self._wire_parts()
+                return None, None, refused
+            payload, segment = pack(chunk, shared=backend.local)
+        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
         task = Chunk(self._loop_id, next(self._chunk_ids), function_key, function, broadcast_key, broadcast, payload)
         try:
-            return backend.executor.submit(run_chunk, task), refused
-        except BrokenExecutor:
-            if not backend.owned:
-                raise
-            # The pool broke before its failed chunk came back to us: replace it now.
-            self._replace_broken_pool()
-            return self._backend_or_acquire().executor.submit(run_chunk, task), refused
+            try:
+                return backend.executor.submit(run_chunk, task), segment, refused
+            except BrokenExecutor:
+                if not backend.owned:
+                    raise
+                # The pool broke before its failed chunk came back to us: replace it now.
+                self._replace_broken_pool()
+                return self._backend_or_acquire().executor.submit(run_chunk, task), segment, refused
+        except BaseException:
+            release(segment)
+            raise
 
-    def _wire_parts(self) -> tuple[str, bytes, str, bytes]:
-        """The function and broadcast arguments, pickled once per loop."""
+    def _wire_parts(self, backend: Backend) -> tuple[str, Payload, str, Payload]:
+        """The function and broadcast arguments, pickled once per loop; what is large goes to
+        shared memory once, for every worker to map."""
         if self._wire is None:
-            function, broadcast = dumps(self.function), dumps(self.broadcast)
-            self._wire = (digest(function), function, digest(broadcast), broadcast)
+            parts: list[Any] = []
+            for obj in (self.function, self.broadcast):
+                payload, segment = pack(obj, shared=backend.local)
+                if segment is not None:
+                    self._loop_segments.append(segment)
+                key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
+                parts += [key, payload]
+            self._wire = (parts[0], parts[1], parts[2], parts[3])
         return self._wire
 
     def _collect(self, future: Future[Any], chunk: list[Call], executor: Executor) -> Batch:

@@ -8,10 +8,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
 
-__all__ = ["Batch", "Call", "Chunk", "ChunkResult", "Failed", "WireError"]
+__all__ = ["Batch", "Call", "Chunk", "ChunkResult", "Failed", "Payload", "WireError"]
 
 Call: TypeAlias = tuple[int, tuple[Any, ...]]
 """One iteration's call: its index in the input and its positional arguments."""
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A pickled object, and where its out-of-band buffers lie in a shared-memory segment."""
+
+    data: bytes
+    segment: str | None = None
+    spans: tuple[tuple[int, int], ...] = ()
+    use: int = 0
+    """Which filling of the segment this is: segments are reused, so a worker caches by both."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,17 +32,18 @@ class Chunk:
     ``function`` and ``broadcast`` are the cloudpickled function and broadcast keyword
     arguments, identical for every chunk of a loop; the worker caches what they unpickle to
     under ``function_key`` and ``broadcast_key``. ``calls`` is the cloudpickled list of
-    `Call`. ``loop_id`` and ``chunk_id`` make every chunk unique, so that an executor that
+    `Call`. Large buffers in any of them travel in shared memory (see `autopar._shared`).
+    ``loop_id`` and ``chunk_id`` make every chunk unique, so that an executor that
     deduplicates identical calls never merges two chunks.
     """
 
     loop_id: str
     chunk_id: int
     function_key: str
-    function: bytes
+    function: Payload
     broadcast_key: str
-    broadcast: bytes
-    calls: bytes
+    broadcast: Payload
+    calls: Payload
 
 
 class WireError(NamedTuple):

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import traceback
+from collections.abc import Callable
 from types import CodeType, TracebackType
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ __all__ = [
     "describe",
     "digest",
     "dumps",
-    "encode_calls",
+    "split_unpicklable",
     "encode_error",
     "encode_value",
     "encode_values",
@@ -63,11 +64,11 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     }
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
     """Pickle ``obj`` by value where plain pickle would go by reference (cloudpickle)."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=_PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    file = io.BytesIO()
+    _Pickler(file, protocol=_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return file.getvalue()
 
 
 def digest(data: bytes) -> str:
@@ -81,16 +82,12 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def encode_calls(calls: list[Call]) -> tuple[bytes, list[Call], list[Failed]]:
-    """Pickle a chunk's calls in one go; when that fails, find and fail the culprits.
+def split_unpicklable(calls: list[Call]) -> tuple[list[Call], list[Failed]]:
+    """Separate the calls whose arguments pickle from those that do not, failing the latter.
 
-    Returns the pickled calls that pickle, those calls, and a `Failed` for each one that does
-    not, so that one unpicklable argument costs only its own iteration.
+    Called only when a whole chunk failed to pickle, so that one unpicklable argument costs
+    only its own iteration.
     """
-    try:
-        return dumps(calls), calls, []
-    except Exception:
-        pass
     good: list[Call] = []
     failed: list[Failed] = []
     for call in calls:
@@ -102,7 +99,7 @@ def encode_calls(calls: list[Call]) -> tuple[bytes, list[Call], list[Failed]]:
             failed.append(Failed(call[0], error))
         else:
             good.append(call)
-    return dumps(good), good, failed
+    return good, failed
 
 
 def encode_value(value: Any) -> bytes:

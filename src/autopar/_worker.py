@@ -8,6 +8,7 @@ no pickling and keep the live exception and its traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -16,13 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 from autopar._errors import SerializationError
-from autopar._records import Call, Chunk, ChunkResult, Failed
+from autopar._records import Call, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
+from autopar._shared import unpack
 
 __all__ = ["in_worker", "initialize_worker", "run_calls", "run_chunk"]
 
 _CACHE_SIZE = 16
+_SHARED_CACHE_SIZE = 2
 _cache: OrderedDict[str, Any] = OrderedDict()
+_shared_cache: OrderedDict[str, Any] = OrderedDict()
 _cache_lock = threading.Lock()
 _local = threading.local()
 _is_worker_process = False
@@ -34,9 +38,18 @@ def initialize_worker(user_initializer: bytes | None = None) -> None:
     global _is_worker_process
     _is_worker_process = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="autopar-orphan-check", daemon=True).start()
     if user_initializer is not None:
         initializer, initargs = loads(user_initializer)
         initializer(*initargs)
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Exit when the parent is gone (killed outright, it could not stop us): nothing is left
+    orphaned. A pool's own pipes cannot tell, since sibling workers hold them open too."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def in_worker() -> bool:
@@ -51,9 +64,10 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     so fails every iteration of the chunk; anything an iteration does fails only itself.
     """
     function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
+    function = getattr(function, "_autopar_unwrapped", function)
     broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
     try:
-        calls: list[Call] = loads(chunk.calls)
+        calls: list[Call] = unpack(chunk.calls)
     except Exception as exc:
         raise SerializationError(
             f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
@@ -89,17 +103,24 @@ def _run(
     return values, errors, time.perf_counter() - started
 
 
-def _unpickle_cached(key: str, data: bytes, what: str) -> Any:
+def _unpickle_cached(key: str, payload: Payload, what: str) -> Any:
+    """Unpickle a function or broadcast arguments once per worker (per content, or per
+    shared-memory segment), so that a warm worker skips the work on later chunks and loops.
+
+    Objects viewing shared memory keep their segment mapped, so at most a few are kept: the
+    segment of a finished loop is freed once the last view of it goes.
+    """
+    cache = _cache if payload.segment is None else _shared_cache
     with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
     try:
-        value = loads(data)
+        value = unpack(payload)
     except Exception as exc:
         raise SerializationError(f"{what} could not be unpickled in the worker: {describe(exc)}") from exc
     with _cache_lock:
-        _cache[key] = value
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        cache[key] = value
+        while len(cache) > (_CACHE_SIZE if cache is _cache else _SHARED_CACHE_SIZE):
+            cache.popitem(last=False)
     return value

@@ -1,0 +1,152 @@
+"""Large buffers through shared memory: one copy in the parent, read-only views in workers.
+
+`pack` pickles with protocol 5 and takes every large contiguous buffer (a NumPy array's
+data, a ``bytearray``...) out of the pickle stream into one shared-memory segment; workers
+`unpack` it by mapping the segment read-only, so an array arrives as a view, not a copy.
+Nothing here imports NumPy: any object that pickles its data as a ``PickleBuffer`` benefits.
+
+The parent owns every segment: it creates it (registered with multiprocessing's resource
+tracker, which removes it even if the parent is killed) and `release`s it when the chunk or
+the loop that needed it is over. Workers map segments without registering them, so a worker's
+exit never removes a segment the parent still uses.
+
+Fresh segments are slow to fill (the kernel zeroes and maps every page: about 75 ms for
+100 MiB), so a released segment no worker can still be reading is kept for reuse, up to
+`KEEP_BYTES` in all; `shutdown` removes them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import mmap
+import os
+import pickle
+import threading
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+from autopar._records import Payload
+from autopar._serialize import dumps, loads
+
+__all__ = ["KEEP_BYTES", "SHARE_ABOVE", "pack", "release", "shutdown", "unpack"]
+
+SHARE_ABOVE = 64 * 1024
+"""A buffer at least this large travels through shared memory; smaller ones stay in the pickle."""
+
+KEEP_BYTES = 1 << 30
+"""Released segments kept for reuse, in bytes at most."""
+
+_ALIGN = 64
+_DEV_SHM = "/dev/shm"
+_free: list[SharedMemory] = []
+_free_lock = threading.Lock()
+_uses = itertools.count()
+_atexit_registered = False
+
+
+def pack(obj: Any, *, shared: bool) -> tuple[Payload, SharedMemory | None]:
+    """Pickle ``obj``; with ``shared``, move its large buffers into a new segment.
+
+    The caller owns the returned segment and must `release` it once workers are done.
+    """
+    if not shared:
+        return Payload(dumps(obj)), None
+    buffers: list[memoryview] = []
+    data = dumps(obj, buffer_callback=lambda buffer: _keep_in_band(buffer, buffers))
+    if not buffers:
+        return Payload(data), None
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for raw in buffers:
+        spans.append((offset, raw.nbytes))
+        offset += -(-raw.nbytes // _ALIGN) * _ALIGN
+    segment = _take(offset)
+    target = segment.buf
+    assert target is not None
+    try:
+        for raw, (start, length) in zip(buffers, spans, strict=True):
+            target[start : start + length] = raw
+    except BaseException:
+        release(segment)
+        raise
+    return Payload(data, segment.name, tuple(spans), next(_uses)), segment
+
+
+def _take(size: int) -> SharedMemory:
+    """A segment of at least ``size`` bytes: a kept one not much larger, or a new one."""
+    with _free_lock:
+        for position, segment in enumerate(_free):
+            if size <= segment.size <= 2 * size:
+                return _free.pop(position)
+    return SharedMemory(create=True, size=size)
+
+
+def _keep_in_band(buffer: pickle.PickleBuffer, collected: list[memoryview]) -> bool:
+    """The pickler's ``buffer_callback``: True keeps a buffer in the pickle stream."""
+    try:
+        raw = buffer.raw()
+    except BufferError:  # not contiguous: pickle copies it in-band
+        return True
+    if raw.nbytes < SHARE_ABOVE:
+        return True
+    collected.append(raw)
+    return False
+
+
+def unpack(payload: Payload) -> Any:
+    """Unpickle a payload; buffers in shared memory arrive as read-only views of it."""
+    if payload.segment is None:
+        return loads(payload.data)
+    view = _map_read_only(payload.segment)
+    return pickle.loads(payload.data, buffers=[view[start : start + length] for start, length in payload.spans])
+
+
+def _map_read_only(name: str) -> memoryview:
+    if os.path.isdir(_DEV_SHM):
+        fd = os.open(os.path.join(_DEV_SHM, name), os.O_RDONLY)
+        try:
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+        finally:
+            os.close(fd)
+    # Elsewhere (macOS) attach through SharedMemory, which registers the segment with the
+    # resource tracker as if this process owned it: take that back.
+    segment = SharedMemory(name=name)
+    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    assert segment.buf is not None
+    return segment.buf.toreadonly()
+
+
+def release(segment: SharedMemory | None, *, reuse: bool = True) -> None:
+    """Give back a segment the parent created. With ``reuse`` (no worker can still read it)
+    it may be kept for a later `pack`; otherwise, or when enough are kept, it is removed, and
+    views workers still hold stay valid until they drop them."""
+    if segment is None:
+        return
+    global _atexit_registered
+    if reuse:
+        with _free_lock:
+            if sum(kept.size for kept in _free) + segment.size <= KEEP_BYTES:
+                _free.append(segment)
+                if not _atexit_registered:
+                    atexit.register(shutdown)
+                    _atexit_registered = True
+                return
+    _remove(segment)
+
+
+def _remove(segment: SharedMemory) -> None:
+    with contextlib.suppress(BufferError):
+        segment.close()
+    with contextlib.suppress(FileNotFoundError):
+        segment.unlink()
+
+
+def shutdown() -> None:
+    """Remove every kept segment."""
+    with _free_lock:
+        kept, _free[:] = list(_free), []
+    for segment in kept:
+        _remove(segment)

@@ -1,0 +1,132 @@
+"""Large buffers travel through shared memory: read-only views, no copies, no leaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from pickle import PickleBuffer
+
+import pytest
+
+import autopar
+from _helpers import CountsLoads, array_info, broadcast_sum, bytes_len, uses_counted
+from autopar import parallel_loop
+from autopar._shared import SHARE_ABOVE, pack, release, unpack
+
+DEV_SHM = Path("/dev/shm")
+pytestmark = pytest.mark.skipif(not DEV_SHM.is_dir(), reason="needs /dev/shm")
+
+
+def segments() -> set[str]:
+    return {p.name for p in DEV_SHM.iterdir() if p.name.startswith("psm_")}
+
+
+def test_large_buffers_leave_the_pickle_and_come_back() -> None:
+    """A large out-of-band buffer goes to a segment; small data stays in the pickle."""
+    big, small = bytearray(b"x" * (SHARE_ABOVE * 2)), bytearray(b"y" * 100)
+    payload, segment = pack({"big": PickleBuffer(big), "small": PickleBuffer(small)}, shared=True)
+    try:
+        assert segment is not None and payload.segment == segment.name
+        assert len(payload.data) < SHARE_ABOVE
+        restored = unpack(payload)
+        assert bytes(restored["big"]) == bytes(big)
+        assert bytes(restored["small"]) == bytes(small)
+        assert restored["big"].readonly
+    finally:
+        release(segment, reuse=False)
+    plain, none = pack(PickleBuffer(big), shared=False)
+    assert none is None
+    assert plain.segment is None
+    assert bytes(unpack(plain)) == bytes(big)
+
+
+def test_numpy_arrays_arrive_as_read_only_views() -> None:
+    np = pytest.importorskip("numpy")
+    arrays = [np.full(50_000, i, dtype=np.float64) for i in range(6)]
+    res = parallel_loop(array_info, workers=2).map(arrays)
+    assert list(res) == [(50_000.0 * i, False) for i in range(6)]
+
+
+def test_broadcast_array_is_shared_by_every_iteration() -> None:
+    np = pytest.importorskip("numpy")
+    table = np.arange(1_000_000, dtype=np.float64)
+    calc = parallel_loop(broadcast_sum, workers=2, chunksize=1)
+    assert list(calc.map(range(0, 1_000_000, 50_000), table=table)) == list(range(0, 1_000_000, 50_000))
+    table[0] = 42.0  # a changed array is sent again, never a stale copy
+    assert calc.map([0], table=table)[0] == 42.0
+
+
+def test_without_numpy_any_buffer_object_benefits() -> None:
+    """Anything that pickles its data as a PickleBuffer travels through shared memory."""
+    blob = bytearray(range(256)) * 1024
+    res = parallel_loop(bytes_len, workers=2).map(range(3), blob=PickleBuffer(blob))
+    assert list(res) == [(len(blob), 0), (len(blob), 1), (len(blob), 2)]
+
+
+def test_broadcast_is_unpickled_once_per_worker(tmp_path: Path) -> None:
+    """Broadcast arguments are unpickled once in each worker, not once per chunk, and a warm
+    worker reuses them on the next call."""
+    log = tmp_path / "loads"
+    counted = CountsLoads(str(log))
+    calc = parallel_loop(uses_counted, workers=2, chunksize=1)
+    assert list(calc.map(range(40), counted=counted)) == list(range(40))
+    assert list(calc.map(range(40), counted=counted)) == list(range(40))
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) <= 2
+
+
+def test_no_segment_outlives_shutdown() -> None:
+    np = pytest.importorskip("numpy")
+    before = segments()
+    parallel_loop(array_info, workers=2).map([np.ones(100_000)] * 4)
+    parallel_loop(broadcast_sum, workers=2).map(range(3), table=np.ones(100_000))
+    autopar.shutdown()
+    assert segments() - before == set()
+
+
+def test_a_failed_loop_leaves_no_segment() -> None:
+    np = pytest.importorskip("numpy")
+    before = segments()
+
+    def boom(a: object) -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        parallel_loop(boom, workers=2).map([np.ones(100_000)] * 8)
+    autopar.shutdown()
+    assert segments() - before == set()
+
+
+def test_segments_of_a_killed_parent_are_removed(tmp_path: Path) -> None:
+    """If the parent is killed outright, multiprocessing's resource tracker removes its segments."""
+    pytest.importorskip("numpy")
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal
+            import numpy as np
+            from autopar import parallel_loop
+
+            def total(a, table):
+                return float(a.sum() + table[0])
+
+            if __name__ == "__main__":
+                parallel_loop(total, workers=2).map([np.ones(100_000)] * 4, table=np.ones(100_000))
+                print(" ".join(sorted(p for p in os.listdir("/dev/shm") if p.startswith("psm_"))), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60).stdout
+    created = set(out.split())
+    assert created, "the script should have kept segments for reuse"
+    deadline = time.monotonic() + 10
+    while created & segments() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert created & segments() == set()
