@@ -152,3 +152,11 @@ def _load_counted(path: str) -> CountsLoads:
 
 def uses_counted(x: int, counted: CountsLoads) -> int:
     return x
+
+
+def native_threads(x: int) -> tuple[str | None, list[int]]:
+    """The worker's OpenMP/BLAS thread settings, as the libraries see them."""
+    import numpy  # noqa: F401  (loads its BLAS)
+    import threadpoolctl
+
+    return os.environ.get("OMP_NUM_THREADS"), [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import autopar
-from _helpers import die, square, whoami
+from _helpers import die, native_threads, square, whoami
 from autopar import WorkerCrashed, parallel_loop
 from conftest import worker_children
 
@@ -87,3 +87,28 @@ def test_thread_and_serial_backends_run_in_this_process() -> None:
     for backend in ("thread", "serial"):
         assert set(parallel_loop(lambda _: os.getpid(), backend=backend).map(range(4))) == {os.getpid()}
     assert list(parallel_loop(square, backend="thread", workers=3).map(range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_workers_cap_native_thread_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers x BLAS threads fits the CPUs, even for a BLAS the parent loaded before forking."""
+    pytest.importorskip("numpy")
+    pytest.importorskip("threadpoolctl")
+    from autopar._cpus import usable_cpu_count
+
+    expected = max(1, usable_cpu_count() // 2)
+    autopar.shutdown()
+    env, pools = parallel_loop(native_threads, workers=2).map([0])[0]
+    assert env == str(expected)
+    assert all(threads <= expected for threads in pools)
+
+
+def test_a_thread_count_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numpy")
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    autopar.shutdown()
+    try:
+        env, _ = parallel_loop(native_threads, workers=2).map([0])[0]
+    finally:
+        autopar.shutdown()
+    assert env == "3"

@@ -59,3 +59,29 @@ def test_stats_derive_speedup_and_efficiency() -> None:
     stats = make([1]).stats
     assert stats.speedup == 1.5 and stats.efficiency == 0.75
     assert LoopStats(0.0, 0.0, 0, 1, 1).speedup == 0.0
+
+
+@pytest.mark.parametrize(
+    ("stats", "expected"),
+    [
+        (
+            LoopStats(1.0, 1.9, 100, 2, 1),
+            "100 iterations averaging 19 ms on 2 workers: compute-bound and well balanced",
+        ),
+        (
+            LoopStats(0.5, 0.4, 100_000, 2, 2048),
+            "averaging 4 us on 2 workers: overhead-bound, 40% efficiency; chunksize",
+        ),
+        (
+            LoopStats(1.0, 0.01, 200, 2, 4, bytes_sent=200_000_000),
+            "arguments and results are 1 MB per 50 us iteration: serialization-bound, the serial loop would be faster",
+        ),
+        (LoopStats(1.0, 1.0, 3, 4, 1), "too few iterations to keep 4 workers busy"),
+        (LoopStats(1.0, 1.0, 100, 2, 1), "workers were busy 50% of the time; iteration costs vary"),
+        (LoopStats(1.0, 1.0, 10, 1, 1), "10 iterations averaging 100 ms on 1 worker: ran serially"),
+        (LoopStats(0.0, 0.0, 0, 2, 0), "no iterations ran."),
+    ],
+)
+def test_summary_says_what_limited_the_loop(stats: LoopStats, expected: str) -> None:
+    """stats.summary names the limit in a sentence a user can act on."""
+    assert expected in stats.summary

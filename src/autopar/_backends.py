@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from autopar import _shared
+from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
-from autopar._worker import initialize_worker
+from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker
 
 __all__ = ["Backend", "SerialExecutor", "acquire", "discard", "shutdown"]
 
@@ -88,8 +89,16 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         max_workers=workers,
         mp_context=multiprocessing.get_context(options.start_method),
         initializer=initialize_worker,
-        initargs=(user_init,),
+        initargs=(user_init, _blas_threads(workers)),
     )
+
+
+def _blas_threads(workers: int) -> int | None:
+    """Native threads per worker, so that workers x threads fits the CPUs; None when the user
+    set a thread count in the environment (they asked for it: keep it)."""
+    if any(variable in os.environ for variable in BLAS_THREAD_VARIABLES):
+        return None
+    return max(1, usable_cpu_count() // workers)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:

@@ -78,6 +78,8 @@ class _Collector:
             iterations=self.iterations,
             workers=self.dispatcher.workers,
             chunksize=self.dispatcher.chunksize,
+            bytes_sent=self.dispatcher.bytes_sent,
+            bytes_received=self.dispatcher.bytes_received,
         )
 
     def raise_first(self, failure: Failure) -> None:

@@ -82,6 +82,8 @@ class Dispatcher:
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
@@ -160,6 +162,7 @@ class Dispatcher:
                 return None, None, refused
             payload, segment = pack(chunk, shared=backend.local)
         function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+        self.bytes_sent += _size(payload)
         task = Chunk(self._loop_id, next(self._chunk_ids), function_key, function, broadcast_key, broadcast, payload)
         try:
             try:
@@ -183,6 +186,7 @@ class Dispatcher:
                 payload, segment = pack(obj, shared=backend.local)
                 if segment is not None:
                     self._loop_segments.append(segment)
+                self.bytes_sent += _size(payload)
                 key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
                 parts += [key, payload]
             self._wire = (parts[0], parts[1], parts[2], parts[3])
@@ -208,6 +212,7 @@ class Dispatcher:
         if self.in_process:
             values, failed = result.values, result.errors
         else:
+            self.bytes_received += sum(map(len, result.values))
             values, failed = decode_values(result.values, chunk)
             for position, wire in result.errors.items():
                 failed[position] = decode_error(chunk[position][0], wire)
@@ -237,6 +242,10 @@ class Dispatcher:
             kept = [position for position in range(len(chunk)) if position not in retried]
             indices, values = [indices[p] for p in kept], [values[p] for p in kept]
         return Batch(indices, values, final, seconds)
+
+
+def _size(payload: Payload) -> int:
+    return len(payload.data) + sum(length for _, length in payload.spans)
 
 
 def _fresh(exc: BaseException) -> BaseException:

@@ -11,6 +11,23 @@ __all__ = ["Failure", "LoopResult", "LoopStats", "describe_call"]
 
 R = TypeVar("R")
 
+_PICKLE_BYTES_PER_SECOND = 1e9  # pickling and copying, both ways, roughly
+
+
+def _seconds(value: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
 _repr = reprlib.Repr()
 _repr.maxstring = 60
 _repr.maxother = 60
@@ -53,6 +70,42 @@ class LoopStats:
     workers: int
     chunksize: int
     """The chunk size used, or the largest one the automatic chunking reached."""
+    bytes_sent: int = 0
+    """Pickled arguments, function and broadcast arguments sent to workers, in bytes."""
+    bytes_received: int = 0
+    """Pickled results received from workers, in bytes."""
+
+    @property
+    def summary(self) -> str:
+        """One sentence on what limited the loop, to act on: is parallelizing paying off?"""
+        if self.iterations == 0:
+            return "no iterations ran."
+        mean = self.busy_time / self.iterations
+        head = f"{self.iterations:,} iterations averaging {_seconds(mean)} on {self.workers} worker" + (
+            "s" if self.workers != 1 else ""
+        )
+        moved = (self.bytes_sent + self.bytes_received) / self.iterations
+        if self.workers == 1:
+            return f"{head}: ran serially ({_seconds(self.wall_time)} in all)."
+        if moved / _PICKLE_BYTES_PER_SECOND > mean:
+            verdict = "the serial loop would be faster" if self.speedup < 1 else "speedup is limited"
+            return (
+                f"{head}: arguments and results are {_size(moved)} per {_seconds(mean)} iteration: "
+                f"serialization-bound, {verdict}; pass smaller arguments (file names, indices)."
+            )
+        if self.efficiency >= 0.8:
+            return f"{head}: compute-bound and well balanced, {self.speedup:.1f}x ({self.efficiency:.0%} efficiency)."
+        if self.iterations < 2 * self.workers:
+            return f"{head}: too few iterations to keep {self.workers} workers busy ({self.efficiency:.0%} efficiency)."
+        if mean < 1e-3:
+            return (
+                f"{head}: overhead-bound, {self.efficiency:.0%} efficiency; chunksize grew to {self.chunksize:,}; "
+                "give each iteration more work."
+            )
+        return (
+            f"{head}: workers were busy {self.efficiency:.0%} of the time; iteration costs vary "
+            "(load imbalance), or other programs share the CPUs."
+        )
 
     @property
     def speedup(self) -> float:

@@ -21,7 +21,7 @@ from autopar._records import Call, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
 from autopar._shared import unpack
 
-__all__ = ["in_worker", "initialize_worker", "run_calls", "run_chunk"]
+__all__ = ["BLAS_THREAD_VARIABLES", "in_worker", "initialize_worker", "run_calls", "run_chunk"]
 
 _CACHE_SIZE = 16
 _SHARED_CACHE_SIZE = 2
@@ -32,16 +32,42 @@ _local = threading.local()
 _is_worker_process = False
 
 
-def initialize_worker(user_initializer: bytes | None = None) -> None:
-    """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, and
-    the user's ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last."""
+BLAS_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def initialize_worker(user_initializer: bytes | None = None, blas_threads: int | None = None) -> None:
+    """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, the
+    worker exits with its parent, BLAS/OpenMP pools are capped at ``blas_threads`` (so that
+    workers x threads does not exceed the CPUs), and the user's ``initializer(*initargs)``
+    (cloudpickled, so a lambda works) runs last."""
     global _is_worker_process
     _is_worker_process = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="autopar-orphan-check", daemon=True).start()
+    if blas_threads is not None:
+        _cap_thread_pools(blas_threads)
     if user_initializer is not None:
         initializer, initargs = loads(user_initializer)
         initializer(*initargs)
+
+
+def _cap_thread_pools(threads: int) -> None:
+    """Cap native thread pools: the variables for libraries loaded later, threadpoolctl (when
+    installed) for those already loaded, as under fork after the parent imported NumPy."""
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
 
 
 def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
