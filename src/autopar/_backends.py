@@ -16,15 +16,17 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any, ParamSpec, TypeVar
 
 from autopar import _shared
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
+from autopar._slots import WorkerSlots
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker
 
-__all__ = ["Backend", "SerialExecutor", "acquire", "discard", "shutdown"]
+__all__ = ["Backend", "SerialExecutor", "acquire", "discard", "forget", "shutdown"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -58,9 +60,34 @@ class Backend:
     owned: bool
     workers: int
     local: bool = False
+    slots: WorkerSlots | None = None
+    """What each worker runs (autopar's process pools only): lets a crash or timeout be blamed
+    on one iteration, and a worker be killed."""
+
+    def kill_worker(self, pid: int, grace: float) -> None:
+        """Stop one worker: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds."""
+        process = _processes_of.get(id(self.executor), {}).get(pid)
+        if process is None:
+            return
+        process.terminate()
+
+        def kill_if_still_there() -> None:
+            if process.exitcode is None:  # the pid is not reused before the pool reaps it
+                process.kill()
+
+        timer = threading.Timer(grace, kill_if_still_there)
+        timer.daemon = True
+        timer.start()
+
+    def exit_codes(self) -> dict[int, int | None]:
+        """Each worker's exit code by pid, once the pool has broken and been shut down."""
+        processes = _processes_of.get(id(self.executor), {})
+        return {pid: process.exitcode for pid, process in processes.items()}
 
 
 _pools: dict[tuple[Any, ...], Executor] = {}
+_slots_of: dict[int, WorkerSlots] = {}
+_processes_of: dict[int, dict[int, BaseProcess]] = {}
 _pools_lock = threading.Lock()
 _pools_pid = os.getpid()
 _atexit_registered = False
@@ -79,18 +106,39 @@ def acquire(options: Options) -> Backend:
     if backend == "thread":
         key: tuple[Any, ...] = ("thread", workers)
         return Backend(_cached(key, lambda: ThreadPoolExecutor(workers, "autopar")), True, True, workers)
-    key = ("process", workers, options.start_method, options.initializer, options.initargs)
-    return Backend(_cached(key, lambda: _make_process_pool(options, workers)), False, True, workers, local=True)
+    key = ("process", workers, options.start_method, options.initializer, options.initargs, _tasks_per_child(options))
+    executor = _cached(key, lambda: _make_process_pool(options, workers))
+    return Backend(executor, False, True, workers, local=True, slots=_slots_of.get(id(executor)))
+
+
+def _tasks_per_child(options: Options) -> int | None:
+    """Chunks a worker runs before it is replaced, so that it runs at most
+    ``max_tasks_per_worker`` iterations (chunks are then of a fixed size)."""
+    if options.max_tasks_per_worker is None:
+        return None
+    return max(1, options.max_tasks_per_worker // (options.chunksize or 1))
 
 
 def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
     user_init = dumps((options.initializer, options.initargs)) if options.initializer else None
-    return ProcessPoolExecutor(
+    start_method = options.start_method
+    if options.max_tasks_per_worker is not None and start_method is None:
+        # concurrent.futures replaces workers only when they are not forked.
+        start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(start_method)
+    slots = WorkerSlots(4 * workers, context)
+    executor = ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context(options.start_method),
+        mp_context=context,
         initializer=initialize_worker,
-        initargs=(user_init, _blas_threads(workers)),
+        initargs=(user_init, _blas_threads(workers), slots),
+        max_tasks_per_child=_tasks_per_child(options),
     )
+    _slots_of[id(executor)] = slots
+    # Keep our own reference to the pool's process table: after a crash, concurrent.futures
+    # drops it, and the exit codes in it say which worker died first.
+    _processes_of[id(executor)] = executor._processes  # type: ignore[assignment]
+    return executor
 
 
 def _blas_threads(workers: int) -> int | None:
@@ -125,10 +173,17 @@ def discard(executor: Executor, *, kill: bool = False) -> None:
         for key, cached in list(_pools.items()):
             if cached is executor:
                 del _pools[key]
-    if kill and isinstance(executor, ProcessPoolExecutor):
-        for process in list((executor._processes or {}).values()):
+        _slots_of.pop(id(executor), None)
+    if kill:
+        for process in list(_processes_of.get(id(executor), {}).values()):
             process.kill()
     executor.shutdown(wait=kill, cancel_futures=True)
+
+
+def forget(executor: Executor) -> None:
+    """Drop what was kept about a pool that has been shut down."""
+    _processes_of.pop(id(executor), None)
+    _slots_of.pop(id(executor), None)
 
 
 def shutdown() -> None:
@@ -138,4 +193,5 @@ def shutdown() -> None:
         _pools.clear()
     for executor in executors:
         executor.shutdown(wait=True, cancel_futures=True)
+        forget(executor)
     _shared.shutdown()

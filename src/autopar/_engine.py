@@ -5,19 +5,25 @@ Data flow::
     calls (lazy iterator of (index, args))
       │  islice(next_size())              ChunkSizer: sizes from measured iteration cost
       ▼
-    chunk ── encode_calls ──▶ Chunk(loop_id, chunk_id, function, broadcast, calls)
-      │        │ an argument that cannot be pickled fails its own iteration here
+    chunk ── pack ──▶ Chunk(loop_id, chunk_id, function, broadcast, calls)
+      │        │ an argument that cannot be pickled fails its own iteration here;
+      │        │ large buffers go to shared memory
       │        ▼
-      │   executor.submit(run_chunk, Chunk)        out-of-process backends (one entry point)
-      │   executor.submit(run_calls, fn, chunk)    in-process backends (threads, serial)
-      │        │                                    at most `2 x workers` chunks in flight
+      │   executor.submit(run_chunk, Chunk)          out-of-process backends (one entry point)
+      │   executor.submit(run_calls, fn, chunk)      in-process backends (threads, serial)
+      │        │                                      at most `2 x workers` chunks in flight
       ▼        ▼
-    in_flight {future: chunk} ◀── done callbacks ── SimpleQueue of finished futures
+    in_flight {future: _InFlight} ◀── done callbacks ── SimpleQueue of finished futures
+      │                                    ▲
+      │   timeouts: slots say who runs what│since when ── kill the overdue worker
       │
-      │  ChunkResult: values pickled one by one (a result that cannot be unpickled fails only
+      ├─ ChunkResult: values pickled one by one (one that cannot be unpickled fails only
       │  itself), errors by position, the chunk's busy seconds
-      │  a future that failed as a whole (worker died, executor error) fails its chunk
-      │  a failed iteration with retries left goes back to the front of the line
+      ├─ the pool broke (a worker died or was killed): the slots and exit codes say which
+      │  iteration did it; it fails (WorkerCrashed / IterationTimeout), every other call in
+      │  flight is sent again to a new pool
+      ├─ a chunk whose arguments a worker could not unpickle is sent again call by call
+      └─ a failed iteration with retries left goes back to the front of the line
       ▼
     Batch(indices, values, failures), in completion order ──▶ _collect (input order, errors)
 
@@ -31,24 +37,39 @@ from __future__ import annotations
 import copy
 import itertools
 import queue
+import signal
+import time
 import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, NamedTuple
 
-from autopar._backends import Backend, acquire, discard
+from autopar._backends import Backend, acquire, discard, forget
 from autopar._chunking import ChunkSizer
-from autopar._errors import WorkerCrashed
+from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
 from autopar._records import Batch, Call, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
 from autopar._shared import pack, release
+from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
 from autopar._worker import run_calls, run_chunk
 
 __all__ = ["Dispatcher"]
+
+_chunk_ids = itertools.count()  # unique in this process, so that slots name chunks unambiguously
+_KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for an overdue worker
+_SUSPICIONS = 3  # pool breaks an iteration may be present at, unexplained, before it is blamed
+_FRUITLESS_BREAKS = 3  # pool breaks with nobody running before the loop gives up
+
+
+class _InFlight(NamedTuple):
+    chunk_id: int
+    calls: list[Call]
+    backend: Backend
+    segment: SharedMemory | None
 
 
 class Dispatcher:
@@ -70,14 +91,20 @@ class Dispatcher:
         self.in_process = self._backend.in_process
         self.workers = 1 if options.backend == "serial" else options.workers or 1
         # In-process serial runs one iteration at a time, interleaved with its consumer, like
-        # the old loop: chunks buy nothing without a process boundary to amortize.
-        fixed = options.chunksize or (1 if options.backend == "serial" else None)
+        # the old loop: chunks buy nothing without a process boundary to amortize. Workers
+        # replaced every N iterations need chunks of a known size.
+        fixed = options.chunksize
+        if fixed is None and (options.backend == "serial" or options.max_tasks_per_worker is not None):
+            fixed = 1
         self._sizer = ChunkSizer(fixed, self.workers, total)
         self._window = 1 if options.backend == "serial" else 2 * self.workers
-        self._retry: deque[Call] = deque()
+        self._pending: deque[list[Call]] = deque()  # chunks to send again, before new input
         self._attempts: dict[int, int] = {}
+        self._suspicions: dict[int, int] = {}
+        self._fruitless_breaks = 0
+        self._overdue: dict[int, Running] = {}  # pid -> what it was running when we killed it
+        self._in_flight: dict[Future[Any], _InFlight] = {}
         self._loop_id = uuid.uuid4().hex
-        self._chunk_ids = itertools.count()
         self._wire: tuple[str, Payload, str, Payload] | None = None
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
@@ -88,44 +115,51 @@ class Dispatcher:
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
         finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-        in_flight: dict[Future[Any], tuple[list[Call], Executor, SharedMemory | None]] = {}
+        in_flight = self._in_flight
         exhausted = False
         try:
             while True:
-                while len(in_flight) < self._window and (self._retry or not exhausted):
+                while len(in_flight) < self._window and (self._pending or not exhausted):
                     chunk = self._next_chunk()
                     if not chunk:
                         exhausted = True
                         break
-                    future, segment, refused = self._submit(chunk)
+                    future, entry, refused = self._submit(chunk)
                     if refused is not None:
                         yield refused
-                    if future is not None:
-                        in_flight[future] = (chunk, self._backend_or_acquire().executor, segment)
+                    if future is not None and entry is not None:
+                        in_flight[future] = entry
                         future.add_done_callback(finished.put)
                 if not in_flight:
-                    if exhausted and not self._retry:
+                    if exhausted and not self._pending:
                         return
                     continue
-                future = finished.get()
-                chunk, executor, segment = in_flight.pop(future)
-                release(segment)
-                yield self._collect(future, chunk, executor)
+                future = self._next_finished(finished)
+                if future is None or future not in in_flight:
+                    continue  # woke up to enforce timeouts, or a chunk already sent again
+                entry = in_flight.pop(future)
+                if self._broke_our_pool(future, entry):
+                    yield from self._recover(entry)
+                else:
+                    release(entry.segment)
+                    yield self._collect(future, entry)
         except KeyboardInterrupt:
             if self._backend is not None and self._backend.owned:
                 discard(self._backend.executor, kill=True)
             raise
         finally:
             # A chunk still running may read its segments: those are removed, not kept for reuse.
-            for future, (_, _, segment) in in_flight.items():
+            for future, entry in in_flight.items():
                 future.cancel()
-                release(segment, reuse=False)
+                release(entry.segment, reuse=False)
             for segment in self._loop_segments:
                 release(segment, reuse=not in_flight)
 
+    # --- sending ---
+
     def _next_chunk(self) -> list[Call]:
-        if self._retry:
-            return [self._retry.popleft()]
+        if self._pending:
+            return self._pending.popleft()
         chunk = list(itertools.islice(self._calls, self._sizer.next_size()))
         self.consumed += len(chunk)
         # Report the size the loop settled on, not the shrinking tail or the empty last read.
@@ -137,45 +171,44 @@ class Dispatcher:
             self._backend = acquire(self.options)
         return self._backend
 
-    def _replace_broken_pool(self) -> None:
-        if self._backend is not None and self._backend.owned:
-            discard(self._backend.executor)
-            self._backend = None
-
-    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, SharedMemory | None, Batch | None]:
-        """Submit a chunk: its future, the segment its large buffers went to (released when
-        it comes back), and a batch of the calls whose arguments could not be pickled."""
+    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, _InFlight | None, Batch | None]:
+        """Submit a chunk. Returns its future and bookkeeping, and a batch of the calls whose
+        arguments could not be pickled (they fail here, alone)."""
         backend = self._backend_or_acquire()
+        chunk_id = next(_chunk_ids)
         if backend.in_process:
-            return backend.executor.submit(run_calls, self.function, chunk, self.broadcast), None, None
+            future = backend.executor.submit(run_calls, self.function, chunk, self.broadcast, self.options.timeout)
+            return future, _InFlight(chunk_id, chunk, backend, None), None
         refused = None
         try:
             payload, segment = pack(chunk, shared=backend.local)
         except Exception:
             good, failed = split_unpicklable(chunk)
             calls = dict(chunk)
-            refused = Batch(
-                [f.index for f in failed], [None] * len(failed), [((f.index, calls[f.index]), f) for f in failed], 0.0
-            )
-            chunk[:] = good
+            refused = self._settle([(f.index, calls[f.index]) for f in failed], None, dict(enumerate(failed)), 0.0)
+            chunk = good
             if not chunk:
                 return None, None, refused
             payload, segment = pack(chunk, shared=backend.local)
-        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
         self.bytes_sent += _size(payload)
-        task = Chunk(self._loop_id, next(self._chunk_ids), function_key, function, broadcast_key, broadcast, payload)
+        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+        task = Chunk(
+            self._loop_id, chunk_id, function_key, function, broadcast_key, broadcast, payload, self.options.timeout
+        )
         try:
             try:
-                return backend.executor.submit(run_chunk, task), segment, refused
+                future = backend.executor.submit(run_chunk, task)
             except BrokenExecutor:
                 if not backend.owned:
                     raise
                 # The pool broke before its failed chunk came back to us: replace it now.
-                self._replace_broken_pool()
-                return self._backend_or_acquire().executor.submit(run_chunk, task), segment, refused
+                self._drop_pool(backend)
+                backend = self._backend_or_acquire()
+                future = backend.executor.submit(run_chunk, task)
         except BaseException:
             release(segment)
             raise
+        return future, _InFlight(chunk_id, chunk, backend, segment), refused
 
     def _wire_parts(self, backend: Backend) -> tuple[str, Payload, str, Payload]:
         """The function and broadcast arguments, pickled once per loop; what is large goes to
@@ -192,22 +225,64 @@ class Dispatcher:
             self._wire = (parts[0], parts[1], parts[2], parts[3])
         return self._wire
 
-    def _collect(self, future: Future[Any], chunk: list[Call], executor: Executor) -> Batch:
+    def _drop_pool(self, backend: Backend) -> None:
+        if backend.owned:
+            discard(backend.executor)
+        if self._backend is backend:
+            self._backend = None
+
+    # --- waiting, and stopping overdue iterations ---
+
+    def _next_finished(self, finished: queue.SimpleQueue[Future[Any]]) -> Future[Any] | None:
+        """The next finished future; None when it is time to look for overdue iterations."""
+        backend = self._backend
+        if self.options.timeout is None or backend is None or backend.slots is None:
+            return finished.get()
+        try:
+            return finished.get(timeout=self._stop_overdue(backend))
+        except queue.Empty:
+            return None
+
+    def _stop_overdue(self, backend: Backend) -> float:
+        """Kill the workers running one of our iterations past the timeout; return how long
+        until the next one could be overdue."""
+        assert backend.slots is not None
+        assert self.options.timeout is not None
+        timeout_ns = int(self.options.timeout * 1e9)
+        ours = {entry.chunk_id for entry in self._in_flight.values() if entry.backend is backend}
+        now = time.monotonic_ns()
+        wait_ns = timeout_ns
+        for pid, running in backend.slots.snapshot().items():
+            if running.chunk_id not in ours or running.position < 0 or pid in self._overdue:
+                continue
+            left = running.started_ns + timeout_ns - now
+            if left <= 0:
+                self._overdue[pid] = running
+                backend.kill_worker(pid, _KILL_GRACE)
+            else:
+                wait_ns = min(wait_ns, left)
+        return max(wait_ns / 1e9, 0.001)
+
+    # --- collecting ---
+
+    def _collect(self, future: Future[Any], entry: _InFlight) -> Batch:
+        chunk = entry.calls
         try:
             result: ChunkResult = future.result()
         except CancelledError:
             return Batch([], [], [], 0.0)
+        except ChunkArgumentsError as exc:
+            if len(chunk) > 1:  # send the calls again one by one: only the culprit will fail
+                self._pending.extendleft([call] for call in reversed(chunk))
+                return Batch([], [], [], 0.0)
+            return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
         except BrokenExecutor as exc:
-            # The pool lost a worker: every chunk it held fails, and later chunks get a new pool
-            # (unless an earlier failed chunk of the same pool already replaced it).
-            if self._backend is not None and self._backend.executor is executor:
-                self._replace_broken_pool()
-            crashed = WorkerCrashed(
-                f"a worker process died while this iteration was in its chunk ({exc}); the pool was replaced"
-            )
+            # A pool that is not autopar's own lost a worker: what it held fails.
+            crashed = WorkerCrashed(f"the executor lost a worker while this iteration was in its chunk ({exc})")
             return self._chunk_failed(chunk, crashed, "")
         except Exception as exc:
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
+        self._fruitless_breaks = 0
         self._sizer.record(len(chunk), result.seconds)
         if self.in_process:
             values, failed = result.values, result.errors
@@ -220,11 +295,13 @@ class Dispatcher:
 
     def _chunk_failed(self, chunk: list[Call], exc: BaseException, tb_text: str) -> Batch:
         failed = {position: Failed(index, _fresh(exc), tb_text) for position, (index, _) in enumerate(chunk)}
-        return self._settle(chunk, [None] * len(chunk), failed, 0.0)
+        return self._settle(chunk, None, failed, 0.0)
 
-    def _settle(self, chunk: list[Call], values: list[Any], failed: dict[int, Failed], seconds: float) -> Batch:
+    def _settle(self, chunk: list[Call], values: list[Any] | None, failed: dict[int, Failed], seconds: float) -> Batch:
         """Send failed iterations with retries left back to the line; batch up the rest."""
         indices = [index for index, _ in chunk]
+        if values is None:
+            values = [None] * len(chunk)
         if not failed:
             return Batch(indices, values, [], seconds)
         final: list[tuple[Call, Failed]] = []
@@ -234,7 +311,7 @@ class Dispatcher:
             failure.attempts = self._attempts.pop(call[0], 0) + 1
             if failure.attempts <= self.options.retries:
                 self._attempts[call[0]] = failure.attempts
-                self._retry.append(call)
+                self._pending.append([call])
                 retried.add(position)
             else:
                 final.append((call, failure))
@@ -242,6 +319,121 @@ class Dispatcher:
             kept = [position for position in range(len(chunk)) if position not in retried]
             indices, values = [indices[p] for p in kept], [values[p] for p in kept]
         return Batch(indices, values, final, seconds)
+
+    # --- a worker died: find out which iteration did it, send the others again ---
+
+    def _broke_our_pool(self, future: Future[Any], entry: _InFlight) -> bool:
+        if future.cancelled() or entry.backend.slots is None:
+            return False
+        return isinstance(future.exception(), BrokenExecutor)
+
+    def _recover(self, first: _InFlight) -> Generator[Batch, None, None]:
+        """Our pool broke: every chunk it held is lost. Blame the iteration that killed its
+        worker (the slots say what each worker ran, the exit codes who died first) and send
+        every other call again, to a new pool."""
+        backend = first.backend
+        lost = [first] + [self._in_flight.pop(f) for f, e in list(self._in_flight.items()) if e.backend is backend]
+        running = backend.slots.snapshot() if backend.slots is not None else {}
+        self._drop_pool(backend)
+        backend.executor.shutdown(wait=True)  # the workers left are stopped and reaped
+        exit_codes = backend.exit_codes()
+        forget(backend.executor)
+        for entry in lost:
+            release(entry.segment)
+        blamed: dict[int, dict[int, Failed]] = {}
+        for pid, exit_code in exit_codes.items():
+            where = self._overdue.pop(pid, None)
+            if where is not None:
+                error: BaseException = IterationTimeout(
+                    f"the iteration ran longer than timeout={self.options.timeout:g} s; "
+                    f"its worker (pid {pid}) was stopped and replaced"
+                )
+            elif exit_code is not None and exit_code != -signal.SIGTERM and pid in running:
+                where = running[pid]
+                error = WorkerCrashed(_death(pid, exit_code, where.position), exit_code, pid)
+            else:
+                continue
+            blamed.setdefault(where.chunk_id, {})[where.position] = Failed(-1, error)
+        if not blamed:
+            yield from self._suspect(lost, running)
+            return
+        self._fruitless_breaks = 0
+        for entry in lost:
+            culprits = blamed.get(entry.chunk_id)
+            if not culprits:
+                self._pending.appendleft(entry.calls)
+                continue
+            calls = entry.calls
+            stage = min(culprits)
+            if stage < 0 and len(calls) > 1:  # died around the chunk, not in a call: isolate
+                self._pending.extendleft([call] for call in reversed(calls))
+                continue
+            positions = [stage] if stage < 0 else [p for p in culprits if p >= 0]
+            failed = {max(p, 0): culprits[p] for p in positions}
+            for position, failure in failed.items():
+                failure.index = calls[position][0]
+            rest = [call for position, call in enumerate(calls) if position not in failed]
+            if rest:
+                self._pending.appendleft(rest)
+            yield self._settle([calls[p] for p in failed], None, dict(enumerate(failed.values())), 0.0)
+
+    def _suspect(self, lost: list[_InFlight], running: dict[int, Running]) -> Generator[Batch, None, None]:
+        """The pool broke and no exit code points at anyone (a worker killed from outside with
+        SIGTERM, an initializer that failed): send everything again, but blame an iteration
+        present at too many such breaks, and give up on pools that break with nobody working."""
+        by_chunk = {entry.chunk_id: entry for entry in lost}
+        present = [(by_chunk[r.chunk_id], r.position) for r in running.values() if r.chunk_id in by_chunk]
+        if not present:
+            self._fruitless_breaks += 1
+        blamed: dict[int, set[int]] = {}
+        for entry, position in present:
+            index = entry.calls[max(position, 0)][0]
+            self._suspicions[index] = self._suspicions.get(index, 0) + 1
+            if self._suspicions[index] >= _SUSPICIONS and (position >= 0 or len(entry.calls) == 1):
+                blamed.setdefault(entry.chunk_id, set()).add(max(position, 0))
+        for entry in lost:
+            if self._fruitless_breaks >= _FRUITLESS_BREAKS:
+                error = WorkerCrashed(
+                    f"the worker pool broke {self._fruitless_breaks} times with no iteration running "
+                    "(does the initializer fail, or are workers killed from outside?)"
+                )
+                yield self._chunk_failed(entry.calls, error, "")
+                continue
+            positions = blamed.get(entry.chunk_id, set())
+            rest = [call for position, call in enumerate(entry.calls) if position not in positions]
+            if rest:
+                self._pending.appendleft(rest)
+            if positions:
+                error = WorkerCrashed(
+                    f"its worker died {_SUSPICIONS} times while running it, killed from outside or by SIGTERM"
+                )
+                yield self._chunk_failed([entry.calls[p] for p in sorted(positions)], error, "")
+
+
+def _death(pid: int, exit_code: int, position: int) -> str:
+    """``worker process 123 died while running this iteration: killed by SIGKILL (...)``."""
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        how = f"killed by {name}{_SIGNAL_HINTS.get(name, '')}"
+    else:
+        how = f"exited with code {exit_code}"
+    doing = {
+        LOADING_ARGUMENTS: "while unpickling this iteration's arguments",
+        SENDING_RESULTS: "while pickling this iteration's result",
+    }.get(position, "while running this iteration")
+    return f"worker process {pid} died {doing}: {how}"
+
+
+_SIGNAL_HINTS = {
+    "SIGKILL": ": out of memory? (the kernel's OOM killer sends SIGKILL)",
+    "SIGSEGV": ": a crash in native code (segmentation fault)",
+    "SIGBUS": ": a crash in native code (bus error)",
+    "SIGABRT": ": aborted, often a failed assertion in native code",
+    "SIGFPE": ": a floating-point exception in native code",
+}
 
 
 def _size(payload: Payload) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "AutoparError",
+    "ChunkArgumentsError",
     "IterationTimeout",
     "RemoteError",
     "RemoteTraceback",
@@ -68,6 +69,11 @@ class IterationTimeout(AutoparError, TimeoutError):
 
 class SerializationError(AutoparError):
     """An argument, result or exception of one iteration could not be pickled or unpickled."""
+
+
+class ChunkArgumentsError(SerializationError):
+    """A worker could not unpickle a chunk's arguments: the parent retries them one by one,
+    so that only the culprit fails."""
 
 
 class RemoteError(AutoparError):

@@ -43,7 +43,9 @@ class Options:
 
     def merge(self, changes: Mapping[str, Any]) -> Options:
         """A copy with ``changes`` applied, each one validated."""
-        return replace(self, **validate(changes))
+        merged = replace(self, **validate(changes))
+        check_combination(merged)
+        return merged
 
 
 _OPTION_NAMES = tuple(field.name for field in fields(Options))
@@ -142,6 +144,15 @@ def _check_start_method(name: str, value: Any) -> None:
     methods = tuple(multiprocessing.get_all_start_methods())
     if value not in methods:
         raise ValueError(f"{name}={value!r}: choose one of {', '.join(map(repr, methods))} or None")
+
+
+def check_combination(options: Options) -> None:
+    """Options that are fine alone but not together."""
+    if options.max_tasks_per_worker is not None and options.start_method == "fork":
+        raise ValueError(
+            "max_tasks_per_worker needs start_method='spawn' or 'forkserver' (or None): "
+            "concurrent.futures cannot replace forked workers"
+        )
 
 
 def _check_initializer(name: str, value: Any) -> None:

@@ -44,6 +44,7 @@ class Chunk:
     broadcast_key: str
     broadcast: Payload
     calls: Payload
+    timeout: float | None = None
 
 
 class WireError(NamedTuple):

@@ -8,6 +8,7 @@ no pickling and keep the live exception and its traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -16,10 +17,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from autopar._errors import SerializationError
+from autopar._errors import ChunkArgumentsError, IterationTimeout, SerializationError
 from autopar._records import Call, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
 from autopar._shared import unpack
+from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots
 
 __all__ = ["BLAS_THREAD_VARIABLES", "in_worker", "initialize_worker", "run_calls", "run_chunk"]
 
@@ -30,6 +32,7 @@ _shared_cache: OrderedDict[str, Any] = OrderedDict()
 _cache_lock = threading.Lock()
 _local = threading.local()
 _is_worker_process = False
+_slots: WorkerSlots | None = None
 
 
 BLAS_THREAD_VARIABLES = (
@@ -42,13 +45,18 @@ BLAS_THREAD_VARIABLES = (
 )
 
 
-def initialize_worker(user_initializer: bytes | None = None, blas_threads: int | None = None) -> None:
+def initialize_worker(
+    user_initializer: bytes | None = None, blas_threads: int | None = None, slots: WorkerSlots | None = None
+) -> None:
     """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, the
-    worker exits with its parent, BLAS/OpenMP pools are capped at ``blas_threads`` (so that
-    workers x threads does not exceed the CPUs), and the user's ``initializer(*initargs)``
-    (cloudpickled, so a lambda works) runs last."""
-    global _is_worker_process
+    worker exits with its parent, claims its progress slot, caps BLAS/OpenMP pools at
+    ``blas_threads`` (so that workers x threads does not exceed the CPUs), and the user's
+    ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last."""
+    global _is_worker_process, _slots
     _is_worker_process = True
+    if slots is not None:
+        slots.claim()
+        _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="autopar-orphan-check", daemon=True).start()
     if blas_threads is not None:
@@ -89,44 +97,77 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     A failure to unpickle the function, the broadcast arguments or the calls raises here and
     so fails every iteration of the chunk; anything an iteration does fails only itself.
     """
-    function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
-    function = getattr(function, "_autopar_unwrapped", function)
-    broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+    slots = _slots
+    progress = None if slots is None else functools.partial(slots.running, chunk.chunk_id)
+    if progress is not None:
+        progress(LOADING_ARGUMENTS)
     try:
-        calls: list[Call] = unpack(chunk.calls)
-    except Exception as exc:
-        raise SerializationError(
-            f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
-        ) from exc
-    values, errors, seconds = _run(function, calls, broadcast)
-    wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
-    return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds)
+        function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
+        function = getattr(function, "_autopar_unwrapped", function)
+        broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+        try:
+            calls: list[Call] = unpack(chunk.calls)
+        except Exception as exc:
+            raise ChunkArgumentsError(
+                f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
+            ) from exc
+        values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, progress)
+        if progress is not None:
+            progress(SENDING_RESULTS)
+        wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
+        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds)
+    finally:
+        if slots is not None:
+            slots.idle()
 
 
-def run_calls(function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any]) -> ChunkResult:
+def run_calls(
+    function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any], timeout: float | None
+) -> ChunkResult:
     """Run a chunk in this process, keeping live values and exceptions."""
-    values, errors, seconds = _run(function, calls, broadcast)
+    values, errors, seconds = _run(function, calls, broadcast, timeout, None)
     failed = {position: Failed(calls[position][0], exc, tb_text) for position, (exc, tb_text) in errors.items()}
     return ChunkResult(values, failed, seconds)
 
 
 def _run(
-    function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any]
+    function: Callable[..., Any],
+    calls: list[Call],
+    broadcast: dict[str, Any],
+    timeout: float | None,
+    progress: Callable[[int], None] | None,
 ) -> tuple[list[Any], dict[int, tuple[BaseException, str]], float]:
+    """Run each call in its own ``try``. An iteration that overran ``timeout`` without being
+    stopped (threads, executors that cannot kill a worker) fails once it returns."""
     values: list[Any] = []
     errors: dict[int, tuple[BaseException, str]] = {}
     _local.depth = getattr(_local, "depth", 0) + 1
-    started = time.perf_counter()
+    started = previous = time.perf_counter()
     try:
         for position, (_, args) in enumerate(calls):
+            if progress is not None:
+                progress(position)
             try:
                 values.append(function(*args, **broadcast))
             except (Exception, SystemExit) as exc:
                 values.append(None)
                 errors[position] = (exc, format_worker_traceback(exc))
+            if timeout is not None:
+                now = time.perf_counter()
+                if now - previous > timeout and position not in errors:
+                    values[-1] = None
+                    errors[position] = (_overran(now - previous, timeout), "")
+                previous = now
     finally:
         _local.depth -= 1
     return values, errors, time.perf_counter() - started
+
+
+def _overran(seconds: float, timeout: float) -> IterationTimeout:
+    return IterationTimeout(
+        f"iteration ran {seconds:.3g} s, past timeout={timeout:g} s; this backend cannot stop a "
+        "running iteration, so it ran to the end and its result was dropped"
+    )
 
 
 def _unpickle_cached(key: str, payload: Payload, what: str) -> Any:

@@ -1,0 +1,104 @@
+"""What each worker of a process pool is running, in shared memory: the acknowledgement
+that lets the parent blame a crash or a timeout on one iteration.
+
+`concurrent.futures` cannot tell which task killed a pool. Here every worker claims a slot
+when it starts and, before each iteration, writes which chunk and which position it is
+running and since when (a few tens of nanoseconds). When a worker dies, or runs past the
+timeout, the parent reads the slots to see what it was doing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing.context import BaseContext
+from typing import Any, NamedTuple
+
+__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "Running", "WorkerSlots"]
+
+IDLE = -1
+"""Chunk id of a worker between chunks."""
+LOADING_ARGUMENTS = -1
+"""Position of a worker that is unpickling its chunk's arguments."""
+SENDING_RESULTS = -2
+"""Position of a worker that is pickling its chunk's results and exceptions."""
+
+_FIELDS = 4  # pid, chunk id, position, started (monotonic ns, the same clock in every process)
+
+
+class Running(NamedTuple):
+    """What one worker is doing: a position in a chunk (or a stage), since a monotonic time."""
+
+    chunk_id: int
+    position: int
+    started_ns: int
+
+
+class WorkerSlots:
+    """One slot per worker process of a pool, in shared memory."""
+
+    def __init__(self, count: int, context: BaseContext) -> None:
+        self._array: Any = context.RawArray("q", count * _FIELDS)
+        self._lock: Any = context.Lock()
+        self._count = count
+        self._view: memoryview | None = None
+        self._base = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to workers when they are started
+        return {"_array": self._array, "_lock": self._lock, "_count": self._count}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _view=None, _base=0)
+
+    # --- in the worker ---
+
+    def claim(self) -> None:
+        """Take a free slot for this process (one whose owner is gone, if none is unused)."""
+        view = memoryview(self._array).cast("B").cast("q")
+        with self._lock:
+            for slot in range(self._count):
+                owner = view[slot * _FIELDS]
+                if owner == 0 or not _alive(owner):
+                    break
+            else:
+                return  # more workers than slots: this one goes unobserved
+            base = slot * _FIELDS
+            view[base : base + _FIELDS] = memoryview(bytearray(8 * _FIELDS)).cast("q")
+            view[base] = os.getpid()
+            view[base + 1] = IDLE
+        self._view, self._base = view, base
+
+    def running(self, chunk_id: int, position: int) -> None:
+        """Record that this worker now runs ``position`` of chunk ``chunk_id``."""
+        view = self._view
+        if view is not None:
+            base = self._base
+            view[base + 3] = time.monotonic_ns()
+            view[base + 2] = position
+            view[base + 1] = chunk_id
+
+    def idle(self) -> None:
+        if self._view is not None:
+            self._view[self._base + 1] = IDLE
+
+    # --- in the parent ---
+
+    def snapshot(self) -> dict[int, Running]:
+        """What every worker with a slot is running now, by pid (idle workers left out)."""
+        view = memoryview(self._array).cast("B").cast("q")
+        found: dict[int, Running] = {}
+        for base in range(0, self._count * _FIELDS, _FIELDS):
+            pid, chunk_id, position, started = view[base : base + _FIELDS].tolist()
+            if pid and chunk_id != IDLE:
+                found[pid] = Running(chunk_id, position, started)
+        return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
