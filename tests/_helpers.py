@@ -160,3 +160,110 @@ def native_threads(x: int) -> tuple[str | None, list[int]]:
     import threadpoolctl
 
     return os.environ.get("OMP_NUM_THREADS"), [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
+
+
+# --- Fault injection: values that fail at one stage of the trip, in one of three ways ---
+
+
+def _segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def _exit() -> None:
+    os._exit(7)
+
+
+def _raise() -> None:
+    raise RuntimeError("injected")
+
+
+FAULTS = {"raise": _raise, "exit": _exit, "segfault": _segfault}
+
+
+def _fault_then(fault: str, value: Any) -> Any:
+    FAULTS[fault]()
+    return value
+
+
+class FailsToPickle:
+    """Its pickling fails (in whichever process pickles it)."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def __reduce__(self) -> Any:
+        FAULTS[self.fault]()
+        return (str, ("unreachable",))
+
+
+class FailsToUnpickle:
+    """Pickles fine; unpickling it fails (in whichever process unpickles it)."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def __reduce__(self) -> Any:
+        return (_fault_then, (self.fault, "unreachable"))
+
+
+def describe_arg(x: Any) -> Any:
+    return x if isinstance(x, int) else f"got {type(x).__name__}"
+
+
+def return_fault(x: int, kind: str, fault: str) -> Any:
+    """At x == 3, return a value whose pickling (kind="pickle") or unpickling fails."""
+    if x != 3:
+        return x
+    return FailsToPickle(fault) if kind == "pickle" else FailsToUnpickle(fault)
+
+
+class ErrorFailsToPickle(Exception):
+    def __init__(self, fault: str) -> None:
+        super().__init__(fault)
+        self.fault = fault
+
+    def __reduce__(self) -> Any:
+        FAULTS[self.fault]()
+        return (str, ("unreachable",))
+
+
+def raise_fault(x: int, fault: str) -> int:
+    if x == 3:
+        raise ErrorFailsToPickle(fault)
+    return x
+
+
+def crash_in_call(x: int, how: str) -> int:
+    """At x == 3: raise, exit, segfault, kill itself with SIGKILL or hang."""
+    import signal
+
+    if x == 3:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "hang":
+            time.sleep(60)
+        else:
+            FAULTS[how]()
+    return x
+
+
+def crash_once(x: int, marker: str) -> int:
+    """Kills its worker the first time it runs for x == 2, then succeeds."""
+    if x == 2 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return x
+
+
+_initialized: Any = None
+
+
+def remember(value: Any) -> None:
+    global _initialized
+    _initialized = value
+
+
+def initialized(x: int) -> Any:
+    return _initialized

@@ -15,14 +15,16 @@ import pytest
 import autopar
 from _helpers import CountsLoads, array_info, broadcast_sum, bytes_len, uses_counted
 from autopar import parallel_loop
-from autopar._shared import SHARE_ABOVE, pack, release, unpack
+from autopar._shared import SHARE_ABOVE, pack, release, segment_prefix, unpack
 
 DEV_SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not DEV_SHM.is_dir(), reason="needs /dev/shm")
 
 
-def segments() -> set[str]:
-    return {p.name for p in DEV_SHM.iterdir() if p.name.startswith("psm_")}
+def segments(pid: int | None = None) -> set[str]:
+    """The shared-memory segments of this process (or of ``pid``)."""
+    prefix = segment_prefix(pid)
+    return {p.name for p in DEV_SHM.iterdir() if p.name.startswith(prefix)}
 
 
 def test_large_buffers_leave_the_pickle_and_come_back() -> None:
@@ -117,7 +119,7 @@ def test_segments_of_a_killed_parent_are_removed(tmp_path: Path) -> None:
 
             if __name__ == "__main__":
                 parallel_loop(total, workers=2).map([np.ones(100_000)] * 4, table=np.ones(100_000))
-                print(" ".join(sorted(p for p in os.listdir("/dev/shm") if p.startswith("psm_"))), flush=True)
+                print(" ".join(sorted(p for p in os.listdir("/dev/shm") if p.startswith("autopar_"))), flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             """
         )
@@ -127,6 +129,6 @@ def test_segments_of_a_killed_parent_are_removed(tmp_path: Path) -> None:
     created = set(out.split())
     assert created, "the script should have kept segments for reuse"
     deadline = time.monotonic() + 10
-    while created & segments() and time.monotonic() < deadline:
+    while any((DEV_SHM / name).exists() for name in created) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert created & segments() == set()
+    assert not any((DEV_SHM / name).exists() for name in created)

@@ -131,7 +131,7 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         max_workers=workers,
         mp_context=context,
         initializer=initialize_worker,
-        initargs=(user_init, _blas_threads(workers), slots),
+        initargs=(user_init, _blas_threads(workers), slots, os.getpid()),
         max_tasks_per_child=_tasks_per_child(options),
     )
     _slots_of[id(executor)] = slots
@@ -164,8 +164,8 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
         return executor
 
 
-def discard(executor: Executor, *, kill: bool = False) -> None:
-    """Drop a broken or interrupted pool from the cache and close it without waiting.
+def discard(executor: Executor, *, kill: bool = False, wait: bool = False) -> None:
+    """Drop a broken or interrupted pool from the cache and close it, waiting with ``wait``.
 
     With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running).
     """
@@ -177,7 +177,7 @@ def discard(executor: Executor, *, kill: bool = False) -> None:
     if kill:
         for process in list(_processes_of.get(id(executor), {}).values()):
             process.kill()
-    executor.shutdown(wait=kill, cancel_futures=True)
+    executor.shutdown(wait=wait or kill, cancel_futures=True)
 
 
 def forget(executor: Executor) -> None:

@@ -225,9 +225,9 @@ class Dispatcher:
             self._wire = (parts[0], parts[1], parts[2], parts[3])
         return self._wire
 
-    def _drop_pool(self, backend: Backend) -> None:
+    def _drop_pool(self, backend: Backend, *, wait: bool = False) -> None:
         if backend.owned:
-            discard(backend.executor)
+            discard(backend.executor, wait=wait)
         if self._backend is backend:
             self._backend = None
 
@@ -334,8 +334,7 @@ class Dispatcher:
         backend = first.backend
         lost = [first] + [self._in_flight.pop(f) for f, e in list(self._in_flight.items()) if e.backend is backend]
         running = backend.slots.snapshot() if backend.slots is not None else {}
-        self._drop_pool(backend)
-        backend.executor.shutdown(wait=True)  # the workers left are stopped and reaped
+        self._drop_pool(backend, wait=True)  # the workers left are stopped and reaped
         exit_codes = backend.exit_codes()
         forget(backend.executor)
         for entry in lost:

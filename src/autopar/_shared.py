@@ -31,7 +31,7 @@ from typing import Any
 from autopar._records import Payload
 from autopar._serialize import dumps, loads
 
-__all__ = ["KEEP_BYTES", "SHARE_ABOVE", "pack", "release", "shutdown", "unpack"]
+__all__ = ["KEEP_BYTES", "SHARE_ABOVE", "pack", "release", "segment_prefix", "shutdown", "unpack"]
 
 SHARE_ABOVE = 64 * 1024
 """A buffer at least this large travels through shared memory; smaller ones stay in the pickle."""
@@ -44,6 +44,7 @@ _DEV_SHM = "/dev/shm"
 _free: list[SharedMemory] = []
 _free_lock = threading.Lock()
 _uses = itertools.count()
+_names = itertools.count()
 _atexit_registered = False
 
 
@@ -81,7 +82,16 @@ def _take(size: int) -> SharedMemory:
         for position, segment in enumerate(_free):
             if size <= segment.size <= 2 * size:
                 return _free.pop(position)
-    return SharedMemory(create=True, size=size)
+    while True:
+        try:
+            return SharedMemory(name=f"{segment_prefix()}{next(_names)}", create=True, size=size)
+        except FileExistsError:  # left by an earlier process that had our pid
+            continue
+
+
+def segment_prefix(pid: int | None = None) -> str:
+    """The name every segment this process (or ``pid``) creates starts with."""
+    return f"autopar_{pid or os.getpid()}_"
 
 
 def _keep_in_band(buffer: pickle.PickleBuffer, collected: list[memoryview]) -> bool:

@@ -46,19 +46,26 @@ BLAS_THREAD_VARIABLES = (
 
 
 def initialize_worker(
-    user_initializer: bytes | None = None, blas_threads: int | None = None, slots: WorkerSlots | None = None
+    user_initializer: bytes | None = None,
+    blas_threads: int | None = None,
+    slots: WorkerSlots | None = None,
+    parent: int | None = None,
 ) -> None:
     """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, the
     worker exits with its parent, claims its progress slot, caps BLAS/OpenMP pools at
     ``blas_threads`` (so that workers x threads does not exceed the CPUs), and the user's
-    ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last."""
+    ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last. ``parent`` is the
+    process that made the pool (under forkserver, not this worker's parent process)."""
     global _is_worker_process, _slots
     _is_worker_process = True
     if slots is not None:
         slots.claim()
         _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="autopar-orphan-check", daemon=True).start()
+    watchdog = threading.Thread(
+        target=_exit_with_parent, args=(parent or os.getppid(),), name="autopar-orphan-check", daemon=True
+    )
+    watchdog.start()
     if blas_threads is not None:
         _cap_thread_pools(blas_threads)
     if user_initializer is not None:
@@ -79,11 +86,28 @@ def _cap_thread_pools(threads: int) -> None:
 
 
 def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
-    """Exit when the parent is gone (killed outright, it could not stop us): nothing is left
-    orphaned. A pool's own pipes cannot tell, since sibling workers hold them open too."""
-    while os.getppid() == parent:
+    """Exit when the process that made the pool is gone (killed outright, it could not stop
+    us): nothing is left orphaned. Pipes cannot tell: sibling workers hold them open too, and
+    under forkserver every worker holds the fork server's own lifeline."""
+    parent_of_this_process = os.getppid()
+    while os.getppid() == parent_of_this_process and _exists(parent):
         time.sleep(interval)
     os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    """True while ``pid`` runs; a killed process its own parent has not reaped yet is a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc here: trust kill()
 
 
 def in_worker() -> bool:

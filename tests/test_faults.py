@@ -1,0 +1,251 @@
+"""Fault injection: a crash, a hang or a bad value costs one iteration, never the loop.
+
+In the style of loky's ``crash_cases`` and CPython's ``test_deadlock.py``: a table of where
+a fault strikes, how, and what the user must see; every case under every start method, each
+bounded by a timeout, with a leak check after it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import autopar
+from _helpers import (
+    ErrorFailsToPickle,
+    FailsToPickle,
+    FailsToUnpickle,
+    crash_in_call,
+    crash_once,
+    describe_arg,
+    initialized,
+    raise_fault,
+    remember,
+    return_fault,
+    sleep_then,
+    whoami,
+)
+from autopar import IterationTimeout, SerializationError, WorkerCrashed, parallel_loop
+from autopar._shared import segment_prefix
+from conftest import worker_children
+
+DEV_SHM = Path("/dev/shm")
+
+
+def shm_segments() -> set[str]:
+    """This process's shared-memory segments."""
+    prefix = segment_prefix()
+    return {p.name for p in DEV_SHM.iterdir() if p.name.startswith(prefix)} if DEV_SHM.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After each test and autopar.shutdown(): no worker process, thread or segment left."""
+    threads, segments = set(threading.enumerate()), shm_segments()
+    yield
+    autopar.shutdown()
+    deadline = time.monotonic() + 5
+    while worker_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker_children() == []
+    assert shm_segments() - segments == set()
+    left = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.daemon]
+    assert left == []
+
+
+def arguments(where: str, fault: str) -> list[Any]:
+    """Eight arguments, the fourth of which fails at ``where``."""
+    special = {"pickle": FailsToPickle, "unpickle": FailsToUnpickle}[where](fault)
+    return [0, 1, 2, special, 4, 5, 6, 7]
+
+
+# (where, how, what the user sees: exception type and the start of its message)
+CASES: list[Any] = [
+    ("call", "raise", RuntimeError, "injected"),
+    ("call", "exit", WorkerCrashed, "worker process {pid} died while running this iteration: exited with code 7"),
+    ("call", "segfault", WorkerCrashed, "worker process {pid} died while running this iteration: killed by SIGSEGV"),
+    ("call", "kill", WorkerCrashed, "worker process {pid} died while running this iteration: killed by SIGKILL: out"),
+    ("call", "hang", IterationTimeout, "the iteration ran longer than timeout=1 s"),
+    ("argument pickle", "raise", SerializationError, "arguments of iteration 3 could not be pickled: RuntimeError"),
+    ("argument unpickle", "raise", SerializationError, "arguments of this chunk could not be unpickled in the worker"),
+    ("argument unpickle", "exit", WorkerCrashed, "worker process {pid} died while unpickling this iteration's argu"),
+    ("argument unpickle", "segfault", WorkerCrashed, "worker process {pid} died while unpickling this iteration's a"),
+    ("result pickle", "raise", SerializationError, "result of iteration 3 could not be pickled: RuntimeError: inj"),
+    ("result pickle", "exit", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
+    ("result pickle", "segfault", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
+    ("result unpickle", "raise", SerializationError, "result of iteration 3 could not be unpickled: RuntimeError"),
+    ("exception pickle", "raise", ErrorFailsToPickle, "raise"),  # rebuilt from its class, args and __dict__
+    ("exception pickle", "exit", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
+]
+
+
+def run_case(where: str, how: str, start_method: str) -> autopar.LoopResult[Any]:
+    options: dict[str, Any] = {"workers": 2, "on_error": "collect", "start_method": start_method}
+    if where == "call":
+        return parallel_loop(crash_in_call, timeout=1.0, **options).map(range(8), how=how)
+    if where.startswith("argument"):
+        return parallel_loop(describe_arg, **options).map(arguments(where.split()[1], how))
+    if where.startswith("result"):
+        return parallel_loop(return_fault, **options).map(range(8), kind=where.split()[1], fault=how)
+    return parallel_loop(raise_fault, **options).map(range(8), fault=how)
+
+
+@pytest.mark.parametrize(("where", "how", "error", "message"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_fault_costs_only_its_iteration(where: str, how: str, error: type, message: str, start_method: str) -> None:
+    res = run_case(where, how, start_method)
+    assert [f.index for f in res.failures] == [3], res.failures
+    failure = res.failures[0]
+    assert isinstance(failure.exception, error), failure
+    pid = getattr(failure.exception, "pid", None)
+    assert str(failure.exception).startswith(message.format(pid=pid)), str(failure.exception)
+    assert [res[i] for i in (0, 1, 2, 4, 5, 6, 7)] == [0, 1, 2, 4, 5, 6, 7]
+    # The same decorated function works on its next call.
+    assert list(parallel_loop(describe_arg, workers=2, start_method=start_method).map(range(4))) == [0, 1, 2, 3]
+
+
+def test_crash_under_raise_is_raised_as_worker_crashed() -> None:
+    with pytest.raises(WorkerCrashed, match="exited with code 7") as info:
+        parallel_loop(crash_in_call, workers=2).map(range(8), how="exit")
+    assert info.value.__notes__[0].startswith("iteration 3: crash_in_call(3, how='exit')")
+    assert info.value.exitcode == 7
+
+
+def test_retries_recover_from_a_crash(tmp_path: Path) -> None:
+    res = parallel_loop(crash_once, workers=2, retries=1).map(range(6), marker=str(tmp_path / "m"))
+    assert list(res) == list(range(6))
+
+
+def test_a_crash_that_repeats_fails_after_its_retries() -> None:
+    res = parallel_loop(crash_in_call, workers=2, retries=2, on_error="collect").map(range(6), how="exit")
+    assert [(f.index, f.attempts) for f in res.failures] == [(3, 3)]
+
+
+def test_timeout_is_per_iteration_not_per_chunk() -> None:
+    """Ten 0.1 s iterations in one chunk are fine with timeout=0.5."""
+    res = parallel_loop(sleep_then, workers=2, chunksize=10, timeout=0.5).map([0.1] * 10)
+    assert res.ok
+
+
+@pytest.mark.parametrize("backend", ["thread", "serial"])
+def test_timeout_on_backends_that_cannot_kill_fails_the_iteration_afterwards(backend: str) -> None:
+    """Threads cannot be stopped: the overdue iteration runs to its end, then fails."""
+    res = parallel_loop(sleep_then, backend=backend, timeout=0.2, on_error="collect").map([0.0, 0.5, 0.0])
+    assert [f.index for f in res.failures] == [1]
+    assert isinstance(res.failures[0].exception, IterationTimeout)
+    assert "cannot stop a running iteration" in str(res.failures[0].exception)
+
+
+def test_max_tasks_per_worker_replaces_workers() -> None:
+    pids = parallel_loop(whoami, workers=1, max_tasks_per_worker=2).map(range(8))
+    assert len(set(pids)) == 4
+
+
+def test_max_tasks_per_worker_refuses_fork() -> None:
+    with pytest.raises(ValueError, match="max_tasks_per_worker needs start_method='spawn' or 'forkserver'"):
+        parallel_loop(whoami, max_tasks_per_worker=2, start_method="fork")
+
+
+def test_initializer_runs_in_each_worker(start_method: str) -> None:
+    calc = parallel_loop(initialized, workers=2, start_method=start_method, initializer=remember, initargs=("ready",))
+    assert set(calc.map(range(6))) == {"ready"}
+    with_lambda = parallel_loop(initialized, workers=2, start_method=start_method, initializer=lambda: remember(42))
+    assert set(with_lambda.map(range(4))) == {42}
+
+
+def test_a_failing_initializer_fails_the_loop_instead_of_hanging() -> None:
+    def broken() -> None:
+        raise RuntimeError("no model")
+
+    res = parallel_loop(initialized, workers=2, initializer=broken, on_error="collect").map(range(3))
+    assert len(res.failures) == 3
+    assert all(isinstance(f.exception, WorkerCrashed) for f in res.failures)
+    assert "does the initializer fail" in str(res.failures[0].exception)
+
+
+def test_input_that_fails_part_way_propagates() -> None:
+    """An input iterator that raises stops the loop cleanly and its exception propagates."""
+
+    def numbers() -> Iterator[int]:
+        yield from range(5)
+        raise LookupError("input broke")
+
+    calc = parallel_loop(describe_arg, workers=2)
+    with pytest.raises(LookupError, match="input broke"):
+        calc.map(numbers())
+    assert list(calc.map(range(3))) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) -> None:
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from autopar import parallel_loop
+
+            @parallel_loop(workers=2, chunksize=1, start_method={method!r})
+            def slow(x):
+                time.sleep(60)
+
+            if __name__ == "__main__":
+                slow.options(workers=2).map([0.0])  if False else None
+                print("ready", flush=True)
+                slow.map(range(8))
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+    time.sleep(2.0)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 3
+    assert b"KeyboardInterrupt" in err
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    assert [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: str) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, time
+            from autopar import parallel_loop
+
+            def pid(x):
+                time.sleep(0.05)
+                return os.getpid()
+
+            if __name__ == "__main__":
+                pids = set(parallel_loop(pid, workers=2, chunksize=1, start_method={start_method!r}).map(range(8)))
+                print(" ".join(map(str, pids)), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30).stdout
+    pids = [int(p) for p in out.split()]
+    assert pids
+    deadline = time.monotonic() + 5
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
