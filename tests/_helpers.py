@@ -267,3 +267,19 @@ def remember(value: Any) -> None:
 
 def initialized(x: int) -> Any:
     return _initialized
+
+
+def soak_iteration(i: int) -> Any:
+    """About 1 % crash their worker, 1 % raise, 0.1 % hang, 0.1 % return something unpicklable."""
+    if i % 100 == 7:
+        os._exit(5)
+    if i % 100 == 42:
+        raise ValueError(i)
+    if i % 1000 == 500:
+        time.sleep(3600)
+    if i % 1000 == 900:
+        return threading.Lock()
+    end = time.perf_counter() + 20e-6
+    while time.perf_counter() < end:
+        pass
+    return i * 2
