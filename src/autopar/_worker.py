@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
 import threading
 import time
@@ -88,10 +89,16 @@ def _cap_thread_pools(threads: int) -> None:
 def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
     """Exit when the process that made the pool is gone (killed outright, it could not stop
     us): nothing is left orphaned. Pipes cannot tell: sibling workers hold them open too, and
-    under forkserver every worker holds the fork server's own lifeline."""
-    parent_of_this_process = os.getppid()
-    while os.getppid() == parent_of_this_process and _exists(parent):
-        time.sleep(interval)
+    under forkserver every worker holds the fork server's own lifeline. Linux tells through a
+    pidfd, which becomes readable when the process ends; elsewhere, look every ``interval``."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        parent_of_this_process = os.getppid()
+        while os.getppid() == parent_of_this_process and _exists(parent):
+            time.sleep(interval)
+    else:
+        select.select([pidfd], [], [])
     os._exit(1)
 
 
