@@ -10,6 +10,7 @@ shut down by autopar.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -126,12 +127,18 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         # concurrent.futures replaces workers only when they are not forked.
         start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(start_method)
+    blas_threads = _blas_threads(workers)
+    if blas_threads is not None and context.get_start_method() == "fork":
+        # Forked workers inherit what is imported here: pay for threadpoolctl's import once,
+        # not once per worker at every cold start.
+        with contextlib.suppress(ImportError):
+            import threadpoolctl  # noqa: F401
     slots = WorkerSlots(4 * workers, context)
     executor = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=initialize_worker,
-        initargs=(user_init, _blas_threads(workers), slots, os.getpid()),
+        initargs=(user_init, blas_threads, slots, os.getpid()),
         max_tasks_per_child=_tasks_per_child(options),
     )
     _slots_of[id(executor)] = slots

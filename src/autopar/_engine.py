@@ -287,7 +287,8 @@ class Dispatcher:
         if self.in_process:
             values, failed = result.values, result.errors
         else:
-            self.bytes_received += sum(map(len, result.values))
+            blobs = result.values
+            self.bytes_received += len(blobs) if isinstance(blobs, bytes) else sum(map(len, blobs))
             values, failed = decode_values(result.values, chunk)
             for position, wire in result.errors.items():
                 failed[position] = decode_error(chunk[position][0], wire)

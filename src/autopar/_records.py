@@ -70,12 +70,13 @@ class ChunkResult(NamedTuple):
     """What a worker sends back for one chunk.
 
     ``values`` has one entry per call, in order, ``None`` where the call failed: the values
-    themselves in-process, each pickled on its own out of process (so that one that cannot be
-    unpickled fails only its iteration). ``errors`` maps a call's position in the chunk to a
+    themselves in-process; out of process, one pickle of the list when every value is a plain
+    builtin, else a list of pickles, one per value (so that one that cannot be unpickled fails
+    only its iteration). ``errors`` maps a call's position in the chunk to a
     `Failed` (in-process) or a `WireError`. ``seconds`` is the time spent running the calls.
     """
 
-    values: list[Any]
+    values: Any
     errors: dict[int, Any]
     seconds: float
 

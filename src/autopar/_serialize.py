@@ -12,6 +12,7 @@ import copyreg
 import functools
 import hashlib
 import io
+import itertools
 import linecache
 import marshal
 import os
@@ -113,10 +114,30 @@ def encode_value(value: Any) -> bytes:
 _dumps_plain = functools.partial(pickle.dumps, protocol=_PROTOCOL)
 
 
-def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireError]) -> list[bytes]:
-    """Pickle each result on its own; one that cannot be pickled becomes its call's error."""
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_SEQUENCES = (tuple, list)
+
+
+def _all_plain(values: list[Any]) -> bool:
+    """True when every value is a builtin scalar, or a tuple or list of them: values that
+    always unpickle, so that the whole chunk can travel as one pickle."""
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN:
+        return True
+    if not kinds <= _PLAIN | set(_SEQUENCES):
+        return False
+    nested = itertools.chain.from_iterable(value for value in values if type(value) in _SEQUENCES)
+    return set(map(type, nested)) <= _PLAIN
+
+
+def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireError]) -> bytes | list[bytes]:
+    """Pickle the results: in one go when they are plain builtins (fast on both ends),
+    otherwise each on its own, so that one that cannot be pickled or unpickled fails only its
+    iteration (a pickling failure here becomes its call's error)."""
+    if _all_plain(values):
+        return pickle.dumps(values, _PROTOCOL)
     try:
-        return list(map(_dumps_plain, values))  # the common case, at C speed
+        return list(map(_dumps_plain, values))
     except Exception:
         pass
     encoded: list[bytes] = []
@@ -135,13 +156,16 @@ def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireEr
 _NONE = pickle.dumps(None)
 
 
-def decode_values(blobs: list[bytes], calls: list[Call]) -> tuple[list[Any], dict[int, Failed]]:
-    """Unpickle each result in the parent; one that cannot be unpickled fails its iteration."""
+def decode_values(blobs: bytes | list[bytes], calls: list[Call]) -> tuple[list[Any], dict[int, Failed]]:
+    """Unpickle the results in the parent; one that cannot be unpickled fails its iteration."""
+    if isinstance(blobs, bytes):
+        values: list[Any] = loads(blobs)  # plain builtins: cannot fail
+        return values, {}
     try:
         return list(map(loads, blobs)), {}
     except Exception:
         pass
-    values: list[Any] = []
+    values = []
     failed: dict[int, Failed] = {}
     for position, blob in enumerate(blobs):
         try:

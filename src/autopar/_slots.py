@@ -77,6 +77,15 @@ class WorkerSlots:
             view[base + 2] = position
             view[base + 1] = chunk_id
 
+    def position_writer(self) -> tuple[memoryview, int] | None:
+        """Where the run loop writes the position it starts (``view[index] = position``),
+        inline: a method call per iteration would cost more than a tiny iteration's tenth."""
+        return None if self._view is None else (self._view, self._base + 2)
+
+    def started_writer(self) -> tuple[memoryview, int] | None:
+        """Where the run loop writes when the iteration started (monotonic ns), for timeouts."""
+        return None if self._view is None else (self._view, self._base + 3)
+
     def idle(self) -> None:
         if self._view is not None:
             self._view[self._base + 1] = IDLE

@@ -8,7 +8,6 @@ no pickling and keep the live exception and its traceback.
 
 from __future__ import annotations
 
-import functools
 import os
 import select
 import signal
@@ -129,9 +128,8 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     so fails every iteration of the chunk; anything an iteration does fails only itself.
     """
     slots = _slots
-    progress = None if slots is None else functools.partial(slots.running, chunk.chunk_id)
-    if progress is not None:
-        progress(LOADING_ARGUMENTS)
+    if slots is not None:
+        slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
     try:
         function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
         function = getattr(function, "_autopar_unwrapped", function)
@@ -142,9 +140,9 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
             raise ChunkArgumentsError(
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
             ) from exc
-        values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, progress)
-        if progress is not None:
-            progress(SENDING_RESULTS)
+        values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, slots)
+        if slots is not None:
+            slots.running(chunk.chunk_id, SENDING_RESULTS)
         wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
         return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds)
     finally:
@@ -166,20 +164,26 @@ def _run(
     calls: list[Call],
     broadcast: dict[str, Any],
     timeout: float | None,
-    progress: Callable[[int], None] | None,
+    slots: WorkerSlots | None,
 ) -> tuple[list[Any], dict[int, tuple[BaseException, str]], float]:
-    """Run each call in its own ``try``. An iteration that overran ``timeout`` without being
-    stopped (threads, executors that cannot kill a worker) fails once it returns."""
+    """Run each call in its own ``try``, telling ``slots`` which one runs (and since when,
+    for timeouts). An iteration that overran ``timeout`` without being stopped (threads,
+    executors that cannot kill a worker) fails once it returns."""
     values: list[Any] = []
     errors: dict[int, tuple[BaseException, str]] = {}
+    where = slots.position_writer() if slots is not None else None
+    view, at = where if where is not None else (None, 0)
+    stamp_starts = view is not None and timeout is not None
     _local.depth = getattr(_local, "depth", 0) + 1
     started = previous = time.perf_counter()
     try:
         for position, (_, args) in enumerate(calls):
-            if progress is not None:
-                progress(position)
+            if view is not None:  # inline: this loop is the hot path of tiny iterations
+                if stamp_starts:
+                    view[at + 1] = time.monotonic_ns()
+                view[at] = position
             try:
-                values.append(function(*args, **broadcast))
+                values.append(function(*args, **broadcast) if broadcast else function(*args))
             except (Exception, SystemExit) as exc:
                 values.append(None)
                 errors[position] = (exc, format_worker_traceback(exc))
