@@ -10,12 +10,11 @@ is raised with the results so far as ``err.partial_result``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Generic, TypeVar
 
-from autopar._engine import Dispatcher
+from autopar._engine import Dispatcher, Loop
 from autopar._errors import RemoteTraceback, add_iteration_note, set_attribute
-from autopar._options import Options
 from autopar._progress import progress_bar
 from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
@@ -29,16 +28,16 @@ _MISSING: Any = object()
 class _Collector:
     """Gathers one loop's outcomes by index, turning failures into `Failure` records."""
 
-    def __init__(self, dispatcher: Dispatcher, name: str, total: int | None) -> None:
-        self.dispatcher = dispatcher
-        self.name = name
+    def __init__(self, loop: Loop) -> None:
+        self.dispatcher = dispatcher = Dispatcher(loop)
+        self.name = loop.name
         self.values: dict[int, Any] = {}
         self.iterations = 0
         self.failures: list[Failure] = []
         self.busy_time = 0.0
         self.started = time.perf_counter()
         self.remote = not dispatcher.in_process
-        self.progress = progress_bar(dispatcher.options.progress, total, name)
+        self.progress = progress_bar(loop.options.progress, loop.total, loop.name)
 
     def add(self, batch: Batch) -> list[Failure]:
         """Store a batch; return its failures (already recorded in ``self.failures``)."""
@@ -92,22 +91,14 @@ class _Collector:
         self.progress.close()
 
 
-def run_map(
-    function: Callable[..., Any],
-    name: str,
-    calls: Iterable[Call],
-    broadcast: dict[str, Any],
-    options: Options,
-    total: int | None,
-) -> LoopResult[Any]:
+def run_map(loop: Loop) -> LoopResult[Any]:
     """Run every iteration and return the results in input order."""
-    dispatcher = Dispatcher(function, calls, broadcast, options, total)
-    collector = _Collector(dispatcher, name, total)
-    batches = dispatcher.batches()
+    collector = _Collector(loop)
+    batches = collector.dispatcher.batches()
     try:
         for batch in batches:
             failed = collector.add(batch)
-            if failed and options.on_error == "raise":
+            if failed and loop.options.on_error == "raise":
                 batches.close()
                 collector.raise_first(min(failed, key=lambda failure: failure.index))
     finally:
@@ -165,14 +156,6 @@ class LoopIterator(Iterator[R], Generic[R]):
             collector.close()
 
 
-def run_imap(
-    function: Callable[..., Any],
-    name: str,
-    calls: Iterable[Call],
-    broadcast: dict[str, Any],
-    options: Options,
-    total: int | None,
-) -> LoopIterator[Any]:
+def run_imap(loop: Loop) -> LoopIterator[Any]:
     """A lazy iterator of results in input order; the input is consumed as workers free up."""
-    dispatcher = Dispatcher(function, calls, broadcast, options, total)
-    return LoopIterator(_Collector(dispatcher, name, total), options.on_error)
+    return LoopIterator(_Collector(loop), loop.options.on_error)

@@ -16,6 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import wrapt
 
 from autopar._collect import LoopIterator, run_imap, run_map
+from autopar._engine import Loop
 from autopar._options import Options, resolve, validate
 from autopar._records import Call
 from autopar._results import LoopResult
@@ -41,6 +42,11 @@ class _LoopMethods(Generic[P, R]):
     def _loop_options(self) -> Options:
         raise NotImplementedError  # pragma: no cover - both subclasses define it
 
+    def _loop(self, calls: Iterator[Call], total: int | None, broadcast: dict[str, Any]) -> Loop:
+        """The loop to run now: options are resolved at call time."""
+        options = resolve(self._loop_options())
+        return Loop(self._loop_target(), self._loop_name(), calls, broadcast, options, total)
+
     def _loop_name(self) -> str:
         wrapped = self.__wrapped__  # type: ignore[attr-defined]
         return getattr(wrapped, "__qualname__", None) or repr(wrapped)
@@ -48,19 +54,16 @@ class _LoopMethods(Generic[P, R]):
     def map(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopResult[R]:
         """Run one iteration per element (several iterables are zipped, as builtin ``map``
         does), in parallel; keyword arguments go to every iteration. Results in input order."""
-        calls, total = _zip_calls("map", iterables)
-        return run_map(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+        return run_map(self._loop(*_zip_calls("map", iterables), kwargs))
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **kwargs: Any) -> LoopResult[R]:
         """Like `map`, but each element is a tuple of positional arguments."""
-        calls, total = _star_calls(iterable)
-        return run_map(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+        return run_map(self._loop(*_star_calls(iterable), kwargs))
 
     def imap(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopIterator[R]:
         """A lazy iterator of results in input order; the input is read only as workers free
         up, so memory stays bounded for huge or endless iterables."""
-        calls, total = _zip_calls("imap", iterables)
-        return run_imap(self._loop_target(), self._loop_name(), calls, kwargs, resolve(self._loop_options()), total)
+        return run_imap(self._loop(*_zip_calls("imap", iterables), kwargs))
 
     def options(self, **changes: Any) -> LoopFunction[P, R]:
         """A copy of this loop function with some options changed."""

@@ -44,6 +44,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import BrokenExecutor, CancelledError, Future
+from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
@@ -57,7 +58,7 @@ from autopar._shared import pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
 from autopar._worker import run_calls, run_chunk
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Loop"]
 
 _chunk_ids = itertools.count()  # unique in this process, so that slots name chunks unambiguously
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for an overdue worker
@@ -72,21 +73,29 @@ class _InFlight(NamedTuple):
     segment: SharedMemory | None
 
 
+@dataclass(frozen=True)
+class Loop:
+    """One loop to run: what to call (``name`` in messages), on which calls, with what."""
+
+    function: Callable[..., Any]
+    name: str
+    calls: Iterable[Call]
+    broadcast: dict[str, Any]
+    options: Options
+    total: int | None = None
+    """The number of calls, when the input knows its length."""
+
+
 class Dispatcher:
     """Runs one loop: feeds chunks to a backend and yields finished iterations in batches."""
 
-    def __init__(
-        self,
-        function: Callable[..., Any],
-        calls: Iterable[Call],
-        broadcast: dict[str, Any],
-        options: Options,
-        total: int | None = None,
-    ) -> None:
-        self.function = function
-        self.broadcast = broadcast
-        self.options = options
-        self._calls = iter(calls)
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.function = loop.function
+        self.broadcast = loop.broadcast
+        self.options = options = loop.options
+        total = loop.total
+        self._calls = iter(loop.calls)
         self._backend: Backend | None = acquire(options)
         self.in_process = self._backend.in_process
         self.workers = 1 if options.backend == "serial" else options.workers or 1

@@ -14,7 +14,7 @@ import time
 from multiprocessing.context import BaseContext
 from typing import Any, NamedTuple
 
-__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "Running", "WorkerSlots"]
+__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "Running", "WorkerSlots", "process_exists"]
 
 IDLE = -1
 """Chunk id of a worker between chunks."""
@@ -58,7 +58,7 @@ class WorkerSlots:
         with self._lock:
             for slot in range(self._count):
                 owner = view[slot * _FIELDS]
-                if owner == 0 or not _alive(owner):
+                if owner == 0 or not process_exists(owner):
                     break
             else:
                 return  # more workers than slots: this one goes unobserved
@@ -103,11 +103,16 @@ class WorkerSlots:
         return found
 
 
-def _alive(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """True while ``pid`` runs; a killed process its own parent has not reaped yet is a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc here: trust kill()

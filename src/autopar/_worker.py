@@ -21,7 +21,7 @@ from autopar._errors import ChunkArgumentsError, IterationTimeout, Serialization
 from autopar._records import Call, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
 from autopar._shared import unpack
-from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots
+from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, process_exists
 
 __all__ = ["BLAS_THREAD_VARIABLES", "in_worker", "initialize_worker", "run_calls", "run_chunk"]
 
@@ -94,26 +94,11 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
         pidfd = os.pidfd_open(parent)
     except (AttributeError, OSError):
         parent_of_this_process = os.getppid()
-        while os.getppid() == parent_of_this_process and _exists(parent):
+        while os.getppid() == parent_of_this_process and process_exists(parent):
             time.sleep(interval)
     else:
         select.select([pidfd], [], [])
     os._exit(1)
-
-
-def _exists(pid: int) -> bool:
-    """True while ``pid`` runs; a killed process its own parent has not reaped yet is a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
-    except OSError:
-        return True  # no /proc here: trust kill()
 
 
 def in_worker() -> bool:
