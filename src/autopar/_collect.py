@@ -64,9 +64,12 @@ class _Collector:
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``."""
         size = max(self.dispatcher.consumed, max(self.values, default=-1) + 1)
-        values = [self.values.get(index, _MISSING) for index in range(size)]
-        missing = [index for index, value in enumerate(values) if value is _MISSING]
-        values = [None if value is _MISSING else value for value in values]
+        if len(self.values) == size:  # every iteration came back: the common case, at C speed
+            values, missing = list(map(self.values.__getitem__, range(size))), []
+        else:
+            values = [self.values.get(index, _MISSING) for index in range(size)]
+            missing = [index for index, value in enumerate(values) if value is _MISSING]
+            values = [None if value is _MISSING else value for value in values]
         failures = sorted(self.failures, key=lambda failure: failure.index)
         return LoopResult(values, failures, self.stats(), missing)
 

@@ -18,7 +18,6 @@ import wrapt
 from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._engine import Loop
 from autopar._options import Options, resolve, validate
-from autopar._records import Call
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads
 
@@ -42,10 +41,10 @@ class _LoopMethods(Generic[P, R]):
     def _loop_options(self) -> Options:
         raise NotImplementedError  # pragma: no cover - both subclasses define it
 
-    def _loop(self, calls: Iterator[Call], total: int | None, broadcast: dict[str, Any]) -> Loop:
+    def _loop(self, arguments: Iterator[tuple[Any, ...]], total: int | None, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
         options = resolve(self._loop_options())
-        return Loop(self._loop_target(), self._loop_name(), calls, broadcast, options, total)
+        return Loop(self._loop_target(), self._loop_name(), arguments, broadcast, options, total)
 
     def _loop_name(self) -> str:
         wrapped = self.__wrapped__  # type: ignore[attr-defined]
@@ -158,7 +157,7 @@ def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
 
 
-def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Call], int | None]:
+def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[tuple[Any, ...]], int | None]:
     if not iterables:
         raise TypeError(f"{method}() needs at least one iterable of arguments")
     for position, iterable in enumerate(iterables, 1):
@@ -166,22 +165,22 @@ def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Itera
             raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
     lengths = [len(it) for it in iterables if isinstance(it, Sized)]
     total = min(lengths) if len(lengths) == len(iterables) else None
-    return enumerate(zip(*iterables, strict=False)), total
+    return zip(*iterables, strict=False), total
 
 
-def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[Call], int | None]:
+def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[tuple[Any, ...]], int | None]:
     if not isinstance(iterable, Iterable):
         raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
     total = len(iterable) if isinstance(iterable, Sized) else None
 
-    def calls() -> Iterator[Call]:
+    def calls() -> Iterator[tuple[Any, ...]]:
         for index, args in enumerate(iterable):
             if not isinstance(args, Iterable) or isinstance(args, str | bytes):
                 raise TypeError(
                     f"starmap(): element {index} is {args!r} ({type(args).__name__}), "
                     "not a tuple of positional arguments"
                 )
-            yield index, tuple(args)
+            yield tuple(args)
 
     return calls(), total
 

@@ -52,7 +52,7 @@ from autopar._backends import Backend, acquire, discard, forget
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
-from autopar._records import Batch, Call, Chunk, ChunkResult, Failed, Payload
+from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
 from autopar._shared import pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
@@ -68,18 +68,19 @@ _FRUITLESS_BREAKS = 3  # pool breaks with nobody running before the loop gives u
 
 class _InFlight(NamedTuple):
     chunk_id: int
-    calls: list[Call]
+    calls: Calls
     backend: Backend
     segment: SharedMemory | None
 
 
 @dataclass(frozen=True)
 class Loop:
-    """One loop to run: what to call (``name`` in messages), on which calls, with what."""
+    """One loop to run: what to call (``name`` in messages), with which positional
+    ``arguments`` each time, with which broadcast keyword arguments and options."""
 
     function: Callable[..., Any]
     name: str
-    calls: Iterable[Call]
+    arguments: Iterable[tuple[Any, ...]]
     broadcast: dict[str, Any]
     options: Options
     total: int | None = None
@@ -95,7 +96,7 @@ class Dispatcher:
         self.broadcast = loop.broadcast
         self.options = options = loop.options
         total = loop.total
-        self._calls = iter(loop.calls)
+        self._arguments = iter(loop.arguments)
         self._backend: Backend | None = acquire(options)
         self.in_process = self._backend.in_process
         self.workers = 1 if options.backend == "serial" else options.workers or 1
@@ -107,7 +108,7 @@ class Dispatcher:
             fixed = 1
         self._sizer = ChunkSizer(fixed, self.workers, total)
         self._window = 1 if options.backend == "serial" else 2 * self.workers
-        self._pending: deque[list[Call]] = deque()  # chunks to send again, before new input
+        self._pending: deque[Calls] = deque()  # chunks to send again, before new input
         self._attempts: dict[int, int] = {}
         self._suspicions: dict[int, int] = {}
         self._fruitless_breaks = 0
@@ -166,10 +167,10 @@ class Dispatcher:
 
     # --- sending ---
 
-    def _next_chunk(self) -> list[Call]:
+    def _next_chunk(self) -> Calls:
         if self._pending:
             return self._pending.popleft()
-        chunk = list(itertools.islice(self._calls, self._sizer.next_size()))
+        chunk = Calls(list(itertools.islice(self._arguments, self._sizer.next_size())), self.consumed)
         self.consumed += len(chunk)
         # Report the size the loop settled on, not the shrinking tail or the empty last read.
         self.chunksize = max(self.chunksize, len(chunk))
@@ -180,7 +181,7 @@ class Dispatcher:
             self._backend = acquire(self.options)
         return self._backend
 
-    def _submit(self, chunk: list[Call]) -> tuple[Future[Any] | None, _InFlight | None, Batch | None]:
+    def _submit(self, chunk: Calls) -> tuple[Future[Any] | None, _InFlight | None, Batch | None]:
         """Submit a chunk. Returns its future and bookkeeping, and a batch of the calls whose
         arguments could not be pickled (they fail here, alone)."""
         backend = self._backend_or_acquire()
@@ -194,8 +195,10 @@ class Dispatcher:
         except Exception:
             good, failed = split_unpicklable(chunk)
             calls = dict(chunk)
-            refused = self._settle([(f.index, calls[f.index]) for f in failed], None, dict(enumerate(failed)), 0.0)
-            chunk = good
+            refused = self._settle(
+                Calls.of((f.index, calls[f.index]) for f in failed), None, dict(enumerate(failed)), 0.0
+            )
+            chunk = Calls.of(good)
             if not chunk:
                 return None, None, refused
             payload, segment = pack(chunk, shared=backend.local)
@@ -282,7 +285,7 @@ class Dispatcher:
             return Batch([], [], [], 0.0)
         except ChunkArgumentsError as exc:
             if len(chunk) > 1:  # send the calls again one by one: only the culprit will fail
-                self._pending.extendleft([call] for call in reversed(chunk))
+                self._pending.extendleft(Calls.of([call]) for call in reversed(chunk))
                 return Batch([], [], [], 0.0)
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
         except BrokenExecutor as exc:
@@ -303,13 +306,13 @@ class Dispatcher:
                 failed[position] = decode_error(chunk[position][0], wire)
         return self._settle(chunk, values, failed, result.seconds)
 
-    def _chunk_failed(self, chunk: list[Call], exc: BaseException, tb_text: str) -> Batch:
+    def _chunk_failed(self, chunk: Calls, exc: BaseException, tb_text: str) -> Batch:
         failed = {position: Failed(index, _fresh(exc), tb_text) for position, (index, _) in enumerate(chunk)}
         return self._settle(chunk, None, failed, 0.0)
 
-    def _settle(self, chunk: list[Call], values: list[Any] | None, failed: dict[int, Failed], seconds: float) -> Batch:
+    def _settle(self, chunk: Calls, values: list[Any] | None, failed: dict[int, Failed], seconds: float) -> Batch:
         """Send failed iterations with retries left back to the line; batch up the rest."""
-        indices = [index for index, _ in chunk]
+        indices = chunk.index_list()
         if values is None:
             values = [None] * len(chunk)
         if not failed:
@@ -321,7 +324,7 @@ class Dispatcher:
             failure.attempts = self._attempts.pop(call[0], 0) + 1
             if failure.attempts <= self.options.retries:
                 self._attempts[call[0]] = failure.attempts
-                self._pending.append([call])
+                self._pending.append(Calls.of([call]))
                 retried.add(position)
             else:
                 final.append((call, failure))
@@ -375,7 +378,7 @@ class Dispatcher:
             calls = entry.calls
             stage = min(culprits)
             if stage < 0 and len(calls) > 1:  # died around the chunk, not in a call: isolate
-                self._pending.extendleft([call] for call in reversed(calls))
+                self._pending.extendleft(Calls.of([call]) for call in reversed(calls))
                 continue
             positions = [stage] if stage < 0 else [p for p in culprits if p >= 0]
             failed = {max(p, 0): culprits[p] for p in positions}
@@ -383,8 +386,8 @@ class Dispatcher:
                 failure.index = calls[position][0]
             rest = [call for position, call in enumerate(calls) if position not in failed]
             if rest:
-                self._pending.appendleft(rest)
-            yield self._settle([calls[p] for p in failed], None, dict(enumerate(failed.values())), 0.0)
+                self._pending.appendleft(Calls.of(rest))
+            yield self._settle(Calls.of(calls[p] for p in failed), None, dict(enumerate(failed.values())), 0.0)
 
     def _suspect(self, lost: list[_InFlight], running: dict[int, Running]) -> Generator[Batch, None, None]:
         """The pool broke and no exit code points at anyone (a worker killed from outside with
@@ -411,12 +414,12 @@ class Dispatcher:
             positions = blamed.get(entry.chunk_id, set())
             rest = [call for position, call in enumerate(entry.calls) if position not in positions]
             if rest:
-                self._pending.appendleft(rest)
+                self._pending.appendleft(Calls.of(rest))
             if positions:
                 error = WorkerCrashed(
                     f"its worker died {_SUSPICIONS} times while running it, killed from outside or by SIGTERM"
                 )
-                yield self._chunk_failed([entry.calls[p] for p in sorted(positions)], error, "")
+                yield self._chunk_failed(Calls.of(entry.calls[p] for p in sorted(positions)), error, "")
 
 
 def _death(pid: int, exit_code: int, position: int) -> str:

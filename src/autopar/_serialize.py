@@ -19,14 +19,14 @@ import os
 import pickle
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import CodeType, TracebackType
 from typing import Any, ClassVar
 
 import cloudpickle
 
 from autopar._errors import RemoteError, SerializationError
-from autopar._records import Call, Failed, WireError
+from autopar._records import Call, Calls, Failed, WireError
 
 __all__ = [
     "decode_error",
@@ -83,7 +83,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def split_unpicklable(calls: list[Call]) -> tuple[list[Call], list[Failed]]:
+def split_unpicklable(calls: Iterable[Call]) -> tuple[list[Call], list[Failed]]:
     """Separate the calls whose arguments pickle from those that do not, failing the latter.
 
     Called only when a whole chunk failed to pickle, so that one unpicklable argument costs
@@ -130,7 +130,7 @@ def _all_plain(values: list[Any]) -> bool:
     return set(map(type, nested)) <= _PLAIN
 
 
-def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireError]) -> bytes | list[bytes]:
+def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError]) -> bytes | list[bytes]:
     """Pickle the results: in one go when they are plain builtins (fast on both ends),
     otherwise each on its own, so that one that cannot be pickled or unpickled fails only its
     iteration (a pickling failure here becomes its call's error)."""
@@ -146,7 +146,7 @@ def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireEr
             encoded.append(encode_value(value))
         except Exception as exc:
             error = SerializationError(
-                f"result of iteration {calls[position][0]} could not be pickled: {describe(exc)}"
+                f"result of iteration {calls.index_of(position)} could not be pickled: {describe(exc)}"
             )
             errors[position] = encode_error(error, "")
             encoded.append(_NONE)
@@ -156,7 +156,7 @@ def encode_values(values: list[Any], calls: list[Call], errors: dict[int, WireEr
 _NONE = pickle.dumps(None)
 
 
-def decode_values(blobs: bytes | list[bytes], calls: list[Call]) -> tuple[list[Any], dict[int, Failed]]:
+def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], dict[int, Failed]]:
     """Unpickle the results in the parent; one that cannot be unpickled fails its iteration."""
     if isinstance(blobs, bytes):
         values: list[Any] = loads(blobs)  # plain builtins: cannot fail
@@ -171,7 +171,7 @@ def decode_values(blobs: bytes | list[bytes], calls: list[Call]) -> tuple[list[A
         try:
             values.append(loads(blob))
         except Exception as exc:
-            index = calls[position][0]
+            index = calls.index_of(position)
             error = SerializationError(f"result of iteration {index} could not be unpickled: {describe(exc)}")
             error.__cause__ = exc
             failed[position] = Failed(index, error)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autopar._errors import ChunkArgumentsError, IterationTimeout, SerializationError
-from autopar._records import Call, Chunk, ChunkResult, Failed, Payload
+from autopar._records import Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
 from autopar._shared import unpack
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, process_exists
@@ -120,7 +120,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         function = getattr(function, "_autopar_unwrapped", function)
         broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
         try:
-            calls: list[Call] = unpack(chunk.calls)
+            calls: Calls = unpack(chunk.calls)
         except Exception as exc:
             raise ChunkArgumentsError(
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
@@ -136,17 +136,17 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
 
 
 def run_calls(
-    function: Callable[..., Any], calls: list[Call], broadcast: dict[str, Any], timeout: float | None
+    function: Callable[..., Any], calls: Calls, broadcast: dict[str, Any], timeout: float | None
 ) -> ChunkResult:
     """Run a chunk in this process, keeping live values and exceptions."""
     values, errors, seconds = _run(function, calls, broadcast, timeout, None)
-    failed = {position: Failed(calls[position][0], exc, tb_text) for position, (exc, tb_text) in errors.items()}
+    failed = {position: Failed(calls.index_of(position), exc, tb_text) for position, (exc, tb_text) in errors.items()}
     return ChunkResult(values, failed, seconds)
 
 
 def _run(
     function: Callable[..., Any],
-    calls: list[Call],
+    calls: Calls,
     broadcast: dict[str, Any],
     timeout: float | None,
     slots: WorkerSlots | None,
@@ -162,7 +162,7 @@ def _run(
     _local.depth = getattr(_local, "depth", 0) + 1
     started = previous = time.perf_counter()
     try:
-        for position, (_, args) in enumerate(calls):
+        for position, args in enumerate(calls.args):
             if view is not None:  # inline: this loop is the hot path of tiny iterations
                 if stamp_starts:
                     view[at + 1] = time.monotonic_ns()
