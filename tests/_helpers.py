@@ -283,3 +283,22 @@ def soak_iteration(i: int) -> Any:
     while time.perf_counter() < end:
         pass
     return i * 2
+
+
+class CountedFunction:
+    """A callable that appends the loading process's pid to a file each time it is unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+    def __reduce__(self) -> Any:
+        return (_load_counted_function, (self.path,))
+
+
+def _load_counted_function(path: str) -> CountedFunction:
+    with open(path, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    return CountedFunction(path)

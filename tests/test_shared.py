@@ -13,7 +13,7 @@ from pickle import PickleBuffer
 import pytest
 
 import autopar
-from _helpers import CountsLoads, array_info, broadcast_sum, bytes_len, uses_counted
+from _helpers import CountedFunction, CountsLoads, array_info, broadcast_sum, bytes_len, uses_counted
 from autopar import parallel_loop
 from autopar._shared import SHARE_ABOVE, pack, release, segment_prefix, unpack
 
@@ -132,3 +132,13 @@ def test_segments_of_a_killed_parent_are_removed(tmp_path: Path) -> None:
     while any((DEV_SHM / name).exists() for name in created) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any((DEV_SHM / name).exists() for name in created)
+
+
+def test_function_is_unpickled_once_per_worker(tmp_path: Path) -> None:
+    """The function is unpickled once in each worker and kept warm across calls."""
+    log = tmp_path / "loads"
+    calc = parallel_loop(CountedFunction(str(log)), workers=2, chunksize=1)
+    assert list(calc.map(range(30))) == list(range(1, 31))
+    assert list(calc.map(range(30))) == list(range(1, 31))
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) <= 2

@@ -34,12 +34,10 @@ def _plain_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...
 class _LoopMethods(Generic[P, R]):
     """``map``, ``starmap``, ``imap`` and ``options``, shared by plain and bound wrappers."""
 
-    def _loop_target(self) -> Callable[..., Any]:
-        """What the workers call: picklable, and bound to its instance for a method."""
-        raise NotImplementedError  # pragma: no cover - both subclasses define it
-
-    def _loop_options(self) -> Options:
-        raise NotImplementedError  # pragma: no cover - both subclasses define it
+    # Each subclass defines these: what the workers call (picklable, and bound to its
+    # instance for a method), and the options the decorator and .options() gave.
+    _loop_target: Callable[[], Callable[..., Any]]
+    _loop_options: Callable[[], Options]
 
     def _loop(self, arguments: Iterator[tuple[Any, ...]], total: int | None, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
