@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autopar._chunking import ChunkSizer
+from autopar._chunking import MAX_CHUNK, ChunkSizer
 
 
 def test_fixed_size_never_changes() -> None:
@@ -35,3 +35,10 @@ def test_known_length_keeps_the_tail_spread_over_workers() -> None:
         sizer.record(1000, 1e-6)
     assert sizer.size > 100
     assert sizer.next_size() == 13
+
+
+def test_automatic_chunks_never_exceed_the_cap() -> None:
+    sizer = ChunkSizer(None, workers=2)
+    for _ in range(10):
+        sizer.record(1000, 1e-7)
+    assert sizer.next_size() == MAX_CHUNK

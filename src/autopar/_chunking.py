@@ -8,14 +8,19 @@ and an expensive loop is balanced from the start; once iterations have been time
 chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip
 (~0.1-0.3 ms) stays a few percent of it; never grow more than ``growth`` times per step, so one
 cheap early iteration cannot produce one huge chunk; and when the input's length is known,
-keep chunks small enough that the last ones still spread over every worker.
+keep chunks small enough that the last ones still spread over every worker; and never send
+more than `MAX_CHUNK` iterations at once.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["ChunkSizer"]
+__all__ = ["MAX_CHUNK", "ChunkSizer"]
+
+MAX_CHUNK = 10_000
+"""The most iterations an automatic chunk holds: beyond it the round trip is already a
+negligible share, and a lazy ``imap`` over an endless input would read far ahead."""
 
 
 class ChunkSizer:
@@ -64,4 +69,4 @@ class ChunkSizer:
             return
         mean = max(self._seconds / self._iterations, 1e-7)
         wanted = max(1, int(self.target_seconds / mean))
-        self.size = max(1, min(wanted, self.size * self.growth))
+        self.size = max(1, min(wanted, self.size * self.growth, MAX_CHUNK))
