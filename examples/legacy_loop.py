@@ -80,3 +80,4 @@ if __name__ == "__main__":  # required: worker processes may re-import this file
     print(f"  chunksize  = {stats.chunksize}")
     print(f"  speedup    = {stats.speedup:.2f}     (busy_time / wall_time)")
     print(f"  efficiency = {stats.efficiency:.0%}      (speedup / workers)")
+    print(f"\nres.stats.summary: {stats.summary}")
