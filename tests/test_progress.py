@@ -1,0 +1,34 @@
+"""The progress option: a tqdm bar when tqdm is installed, a warning and no bar otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from _helpers import square
+from autopar import parallel_loop
+from autopar._progress import progress_bar
+
+
+def test_progress_bar_counts_every_iteration(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    res = parallel_loop(square, workers=2, progress=True).map(range(50))
+    assert list(res) == [x * x for x in range(50)]
+    err = capsys.readouterr().err
+    assert "square" in err
+    assert "50/50" in err
+
+
+def test_without_tqdm_a_warning_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.warns(UserWarning, match=r"progress=True needs tqdm: pip install 'autopar\[progress\]'"):
+        bar = progress_bar(True, 10, "f")
+    bar.update(3)
+    bar.close()
+
+
+def test_no_progress_means_no_output(capsys: pytest.CaptureFixture[str]) -> None:
+    parallel_loop(square, workers=2).map(range(5))
+    assert capsys.readouterr().err == ""
