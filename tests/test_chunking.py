@@ -30,11 +30,25 @@ def test_expensive_iterations_stay_one_per_chunk() -> None:
 
 def test_known_length_keeps_the_tail_spread_over_workers() -> None:
     """With 100 iterations left and 2 workers, no chunk takes more than 100 / (2 x 4)."""
-    sizer = ChunkSizer(None, workers=2, total=100, chunks_per_worker=4)
-    for _ in range(4):
-        sizer.record(1000, 1e-6)
-    assert sizer.size > 100
+    sizer = ChunkSizer(None, workers=2, total=100, chunks_per_worker=4, target_seconds=0.04)
+    sizer.record(1, 1e-3)  # 1 ms iterations: 40 per chunk by cost
+    assert sizer.size == 8
+    sizer.record(8, 8e-3)
+    assert sizer.size == 40
     assert sizer.next_size() == 13
+
+
+def test_the_tail_does_not_shrink_below_a_quarter_of_the_cost_based_size() -> None:
+    """Cheap iterations: the last chunks stay big enough to be worth a round trip."""
+    sizer = ChunkSizer(None, workers=2, total=100_000, target_seconds=0.02)
+    for _ in range(5):
+        sizer.record(1000, 5e-3)  # 5 us iterations: about 4,000 per chunk by cost
+    assert 3990 <= sizer.size <= 4000
+    sizes = []
+    while sizer._handed_out < 100_000:
+        sizes.append(sizer.next_size())
+    assert min(sizes) >= 990
+    assert len(sizes) < 50
 
 
 def test_automatic_chunks_never_exceed_the_cap() -> None:

@@ -8,8 +8,9 @@ and an expensive loop is balanced from the start; once iterations have been time
 chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip
 (~0.1-0.3 ms) stays a few percent of it; never grow more than ``growth`` times per step, so one
 cheap early iteration cannot produce one huge chunk; and when the input's length is known,
-keep chunks small enough that the last ones still spread over every worker; and never send
-more than `MAX_CHUNK` iterations at once.
+keep chunks small enough that the last ones still spread over every worker (down to a
+quarter of the cost-based size, about 5 ms of work); and never send more than `MAX_CHUNK`
+iterations at once.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ class ChunkSizer:
         size = self.size
         if self.fixed is None and self.total is not None:
             remaining = max(self.total - self._handed_out, 1)
-            size = min(size, max(1, math.ceil(remaining / (self.workers * self.chunks_per_worker))))
+            # Shrink towards the end so the last chunks spread over every worker, but not below
+            # a quarter of the cost-based size: a geometric tail of ever smaller chunks costs
+            # more round trips than the balance it buys.
+            spread = math.ceil(remaining / (self.workers * self.chunks_per_worker))
+            size = min(size, max(1, spread, self.size // 4))
         self._handed_out += size
         return size
 
