@@ -29,6 +29,7 @@ from _helpers import (
     crash_in_call,
     crash_once,
     describe_arg,
+    exit_after,
     initialized,
     raise_fault,
     remember,
@@ -249,3 +250,43 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: st
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def test_a_crash_in_one_loop_costs_nothing_in_another_sharing_the_pool() -> None:
+    """Two threads' loops share a warm pool; one crashes its workers, the other loses nothing."""
+    out: dict[str, Any] = {}
+    crashing = parallel_loop(exit_after, workers=2, on_error="collect")
+    innocent = parallel_loop(sleep_then, workers=2, on_error="collect")
+    threads = [
+        threading.Thread(target=lambda: out.update(a=crashing.map([0.05] * 6))),
+        threading.Thread(target=lambda: out.update(b=innocent.map([0.2] * 6))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(out["a"].failures) == 6
+    assert all(isinstance(f.exception, WorkerCrashed) for f in out["a"].failures)
+    assert out["b"].ok
+    assert list(out["b"]) == [0.2] * 6
+
+
+def test_shutdown_during_a_loop_in_another_thread_loses_nothing() -> None:
+    """autopar.shutdown() from another thread: the running loop moves to a new pool."""
+    calc = parallel_loop(sleep_then, workers=2)
+    calc.map([0.0])
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(res=calc.map([0.2] * 8)))
+    thread.start()
+    time.sleep(0.3)
+    autopar.shutdown()
+    thread.join(60)
+    assert list(out["res"]) == [0.2] * 8
+
+
+def test_an_unpicklable_argument_under_raise_leaves_nothing_running() -> None:
+    """The refused iteration raises at once; its chunk-mates are cancelled, no segment leaks."""
+    np = pytest.importorskip("numpy")
+    calc = parallel_loop(describe_arg, workers=2, chunksize=3)
+    with pytest.raises(SerializationError, match="arguments of iteration 1 could not be pickled"):
+        calc.map([np.zeros(1 << 17), threading.Lock(), np.zeros(1 << 17)])

@@ -14,20 +14,21 @@ import contextlib
 import multiprocessing
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from autopar import _shared
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
-from autopar._slots import WorkerSlots
+from autopar._slots import Running, WorkerSlots
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker
 
-__all__ = ["Backend", "SerialExecutor", "acquire", "discard", "forget", "shutdown"]
+__all__ = ["Backend", "PostMortem", "SerialExecutor", "acquire", "discard", "post_mortem", "shutdown"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -175,22 +176,47 @@ def discard(executor: Executor, *, kill: bool = False, wait: bool = False) -> No
     """Drop a broken or interrupted pool from the cache and close it, waiting with ``wait``.
 
     With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running).
+    Safe to call from several loops at once, and more than once.
     """
     with _pools_lock:
         for key, cached in list(_pools.items()):
             if cached is executor:
                 del _pools[key]
-        _slots_of.pop(id(executor), None)
     if kill:
         for process in list(_processes_of.get(id(executor), {}).values()):
             process.kill()
     executor.shutdown(wait=wait or kill, cancel_futures=True)
 
 
-def forget(executor: Executor) -> None:
-    """Drop what was kept about a pool that has been shut down."""
-    _processes_of.pop(id(executor), None)
-    _slots_of.pop(id(executor), None)
+class PostMortem(NamedTuple):
+    """What a broken pool's workers were running when it broke, and how each one ended."""
+
+    running: dict[int, Running]
+    exit_codes: dict[int, int | None]
+
+
+_post_mortems: OrderedDict[int, tuple[Executor, PostMortem]] = OrderedDict()
+_post_mortem_lock = threading.Lock()
+
+
+def post_mortem(backend: Backend) -> PostMortem:
+    """Close a broken pool of ours (once) and say what its workers were doing and how they
+    ended. Every loop that had chunks on it gets the same answer: each blames the culprits
+    among its own chunks and sends the rest again."""
+    executor = backend.executor
+    with _post_mortem_lock:
+        known = _post_mortems.get(id(executor))
+        if known is not None and known[0] is executor:
+            return known[1]
+        running = backend.slots.snapshot() if backend.slots is not None else {}
+        discard(executor, wait=True)  # the workers left are stopped and reaped
+        report = PostMortem(running, backend.exit_codes())
+        _processes_of.pop(id(executor), None)
+        _slots_of.pop(id(executor), None)
+        _post_mortems[id(executor)] = (executor, report)
+        while len(_post_mortems) > 8:
+            _post_mortems.popitem(last=False)
+        return report
 
 
 def shutdown() -> None:
@@ -200,5 +226,6 @@ def shutdown() -> None:
         _pools.clear()
     for executor in executors:
         executor.shutdown(wait=True, cancel_futures=True)
-        forget(executor)
+        _processes_of.pop(id(executor), None)
+        _slots_of.pop(id(executor), None)
     _shared.shutdown()

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
-from autopar._backends import Backend, acquire, discard, forget
+from autopar._backends import Backend, acquire, discard, post_mortem
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
@@ -135,11 +135,11 @@ class Dispatcher:
                         exhausted = True
                         break
                     future, entry, refused = self._submit(chunk)
+                    if future is not None and entry is not None:
+                        in_flight[future] = entry  # before yielding: a close() must see it
+                        future.add_done_callback(finished.put)
                     if refused is not None:
                         yield refused
-                    if future is not None and entry is not None:
-                        in_flight[future] = entry
-                        future.add_done_callback(finished.put)
                 if not in_flight:
                     if exhausted and not self._pending:
                         return
@@ -208,15 +208,19 @@ class Dispatcher:
             self._loop_id, chunk_id, function_key, function, broadcast_key, broadcast, payload, self.options.timeout
         )
         try:
-            try:
-                future = backend.executor.submit(run_chunk, task)
-            except BrokenExecutor:
-                if not backend.owned:
-                    raise
-                # The pool broke before its failed chunk came back to us: replace it now.
-                self._drop_pool(backend)
-                backend = self._backend_or_acquire()
-                future = backend.executor.submit(run_chunk, task)
+            for attempt in itertools.count(1):
+                try:
+                    future = backend.executor.submit(run_chunk, task)
+                    break
+                except (BrokenExecutor, RuntimeError):
+                    # Our pool broke (a crash in this or another loop sharing it), or was shut
+                    # down by autopar.shutdown() in another thread: take a new one.
+                    if not backend.owned or attempt == 3:
+                        raise
+                    post_mortem(backend)
+                    if self._backend is backend:
+                        self._backend = None
+                    backend = self._backend_or_acquire()
         except BaseException:
             release(segment)
             raise
@@ -236,12 +240,6 @@ class Dispatcher:
                 parts += [key, payload]
             self._wire = (parts[0], parts[1], parts[2], parts[3])
         return self._wire
-
-    def _drop_pool(self, backend: Backend, *, wait: bool = False) -> None:
-        if backend.owned:
-            discard(backend.executor, wait=wait)
-        if self._backend is backend:
-            self._backend = None
 
     # --- waiting, and stopping overdue iterations ---
 
@@ -282,6 +280,9 @@ class Dispatcher:
         try:
             result: ChunkResult = future.result()
         except CancelledError:
+            # Not by us (we cancel only when the loop ends): autopar.shutdown() in another
+            # thread closed the pool under this loop. Send the chunk again, to a new pool.
+            self._pending.appendleft(chunk)
             return Batch([], [], [], 0.0)
         except ChunkArgumentsError as exc:
             if len(chunk) > 1:  # send the calls again one by one: only the culprit will fail
@@ -346,10 +347,9 @@ class Dispatcher:
         every other call again, to a new pool."""
         backend = first.backend
         lost = [first] + [self._in_flight.pop(f) for f, e in list(self._in_flight.items()) if e.backend is backend]
-        running = backend.slots.snapshot() if backend.slots is not None else {}
-        self._drop_pool(backend, wait=True)  # the workers left are stopped and reaped
-        exit_codes = backend.exit_codes()
-        forget(backend.executor)
+        running, exit_codes = post_mortem(backend)
+        if self._backend is backend:
+            self._backend = None
         for entry in lost:
             release(entry.segment)
         blamed: dict[int, dict[int, Failed]] = {}
@@ -366,7 +366,7 @@ class Dispatcher:
             else:
                 continue
             blamed.setdefault(where.chunk_id, {})[where.position] = Failed(-1, error)
-        if not blamed:
+        if not blamed:  # nobody to blame, in this loop or another one sharing the pool
             yield from self._suspect(lost, running)
             return
         self._fruitless_breaks = 0
