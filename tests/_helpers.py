@@ -307,3 +307,46 @@ def _load_counted_function(path: str) -> CountedFunction:
 def exit_after(x: float) -> int:
     time.sleep(x)
     os._exit(3)
+
+
+def append_to(x: int, seen: list[int]) -> list[int]:
+    seen.append(x)
+    return list(seen)
+
+
+class SlowToUnpickle:
+    """Pickles fine; unpickling it in a worker takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> Any:
+        return (_sleep_then_build, (self.seconds,))
+
+
+def _sleep_then_build(seconds: float) -> str:
+    time.sleep(seconds)
+    return "built"
+
+
+def log_start(x: int, log: str) -> int:
+    """Iteration 0 raises at once; the others log that they started, then sleep."""
+    if x == 0:
+        time.sleep(0.3)
+        raise ValueError("first")
+    with open(log, "a") as file:
+        file.write(f"{x}\n")
+    time.sleep(1.0)
+    return x
+
+
+def slow_head(x: int) -> bytes:
+    if x == 0:
+        time.sleep(2.0)
+    return b"x" * 1000
+
+
+def exit_at(x: int, at: int = 3) -> int:
+    if x == at:
+        os._exit(1)
+    return x

@@ -99,3 +99,31 @@ def test_map_needs_iterables() -> None:
         decorated_square.map()
     with pytest.raises(TypeError, match="argument 1 must be iterable, not int"):
         decorated_square.map(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+def test_methods_pickle(dumps: Any) -> None:
+    scaler = Scaler(3)
+    bound = pickle.loads(dumps(scaler.scale))
+    assert bound(2) == 6
+    assert isinstance(bound, BoundLoopFunction)
+    assert isinstance(pickle.loads(dumps(Scaler.scale)), BoundLoopFunction)
+
+
+def test_classmethods_and_staticmethods_can_be_decorated() -> None:
+    class Maths:
+        base = 10
+
+        @parallel_loop(backend="serial")
+        @classmethod
+        def shifted(cls, x: int) -> int:
+            return cls.base + x
+
+        @parallel_loop(backend="serial")
+        @staticmethod
+        def doubled(x: int) -> int:
+            return 2 * x
+
+    assert Maths.shifted(1) == 11
+    assert Maths.doubled(4) == 8
+    assert list(Maths.doubled.map([1, 2])) == [2, 4]

@@ -7,6 +7,7 @@ bounded by a timeout, with a leak check after it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -26,18 +27,23 @@ from _helpers import (
     ErrorFailsToPickle,
     FailsToPickle,
     FailsToUnpickle,
+    SlowToUnpickle,
     crash_in_call,
     crash_once,
     describe_arg,
     exit_after,
+    exit_at,
     initialized,
+    log_start,
     raise_fault,
     remember,
     return_fault,
     sleep_then,
+    slow_head,
     whoami,
 )
 from autopar import IterationTimeout, SerializationError, WorkerCrashed, parallel_loop
+from autopar._chunking import MAX_CHUNK
 from autopar._shared import segment_prefix
 from conftest import worker_children
 
@@ -290,3 +296,45 @@ def test_an_unpicklable_argument_under_raise_leaves_nothing_running() -> None:
     calc = parallel_loop(describe_arg, workers=2, chunksize=3)
     with pytest.raises(SerializationError, match="arguments of iteration 1 could not be pickled"):
         calc.map([np.zeros(1 << 17), threading.Lock(), np.zeros(1 << 17)])
+
+
+def test_timeout_also_covers_unpickling_the_arguments() -> None:
+    res = parallel_loop(describe_arg, workers=2, timeout=1.0, on_error="collect").map([0, 1, SlowToUnpickle(30), 3])
+    assert [f.index for f in res.failures] == [2]
+    assert isinstance(res.failures[0].exception, IterationTimeout)
+    assert [res[i] for i in (0, 1, 3)] == [0, 1, 3]
+
+
+def test_raise_skips_chunks_already_queued_in_the_executor(tmp_path: Path) -> None:
+    """After the first failure is raised, queued chunks are skipped, not run."""
+    log = tmp_path / "started"
+    log.touch()
+    with pytest.raises(ValueError, match="first"):
+        parallel_loop(log_start, workers=2, chunksize=1).map(range(12), log=str(log))
+    time.sleep(1.5)
+    started = log.read_text().split()
+    assert len(started) <= 3, started  # the ones already running, never the whole queue
+
+
+def test_imap_reads_a_bounded_way_ahead_of_a_slow_first_iteration() -> None:
+    it = parallel_loop(slow_head, workers=2).imap(itertools.count())
+    next(it)
+    read = it._collector.dispatcher.consumed
+    it.close()
+    window = 2 * 2  # chunks in flight for 2 workers
+    assert read <= 2 * window * MAX_CHUNK  # what is in flight, and one window of results waiting
+
+
+def test_a_broken_user_executor_fails_iterations_instead_of_raising() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as executor:
+        res = parallel_loop(exit_at, backend=executor, on_error="collect").map(range(12))
+    assert res[0] == 0
+    assert not res.ok
+    assert all(isinstance(f.exception, WorkerCrashed) for f in res.failures)
+
+
+def test_max_tasks_per_worker_holds_with_a_larger_chunksize() -> None:
+    pids = list(parallel_loop(whoami, workers=1, max_tasks_per_worker=2, chunksize=5).map(range(8)))
+    assert max(pids.count(pid) for pid in set(pids)) <= 2

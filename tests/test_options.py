@@ -82,3 +82,12 @@ def test_a_loop_inside_a_worker_runs_serially() -> None:
     """A loop started inside an iteration runs serially there instead of starting a pool."""
     assert list(nested_loop.options(workers=2).map([2, 3])) == [[0, 1], [0, 1, 4]]
     assert list(nested_loop.options(backend="thread", workers=2).map([3])) == [[0, 1, 4]]
+
+
+def test_integer_likes_and_infinite_timeout_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    options = parallel_loop(square, workers=np.int64(2), chunksize=np.int32(3), timeout=float("inf"))._self_options
+    assert (options.workers, options.chunksize, options.timeout) == (2, 3, None)
+    assert type(options.workers) is int
+    with pytest.raises(ValueError, match="timeout=nan"):
+        parallel_loop(square, timeout=float("nan"))

@@ -13,7 +13,7 @@ from pickle import PickleBuffer
 import pytest
 
 import autopar
-from _helpers import CountedFunction, CountsLoads, array_info, broadcast_sum, bytes_len, uses_counted
+from _helpers import CountedFunction, CountsLoads, append_to, array_info, broadcast_sum, bytes_len, uses_counted
 from autopar import parallel_loop
 from autopar._shared import SHARE_ABOVE, pack, release, segment_prefix, unpack
 
@@ -69,16 +69,24 @@ def test_without_numpy_any_buffer_object_benefits() -> None:
     assert list(res) == [(len(blob), 0), (len(blob), 1), (len(blob), 2)]
 
 
-def test_broadcast_is_unpickled_once_per_worker(tmp_path: Path) -> None:
-    """Broadcast arguments are unpickled once in each worker, not once per chunk, and a warm
-    worker reuses them on the next call."""
+def test_broadcast_is_unpickled_once_per_worker_and_loop(tmp_path: Path) -> None:
+    """Broadcast arguments are unpickled once in each worker, not once per chunk; the next
+    loop gets a fresh copy (one an iteration mutated is not handed on)."""
     log = tmp_path / "loads"
     counted = CountsLoads(str(log))
     calc = parallel_loop(uses_counted, workers=2, chunksize=1)
     assert list(calc.map(range(40), counted=counted)) == list(range(40))
+    first = log.read_text().split()
+    assert len(first) == len(set(first)) <= 2
     assert list(calc.map(range(40), counted=counted)) == list(range(40))
-    pids = log.read_text().split()
-    assert len(pids) == len(set(pids)) <= 2
+    second = log.read_text().split()[len(first) :]
+    assert len(second) == len(set(second)) <= 2
+
+
+def test_a_mutated_broadcast_does_not_carry_over_to_the_next_loop() -> None:
+    calc = parallel_loop(append_to, workers=1)
+    assert list(calc.map([1, 2], seen=[])) == [[1], [1, 2]]
+    assert list(calc.map([3], seen=[])) == [[3]]
 
 
 def test_no_segment_outlives_shutdown() -> None:

@@ -28,7 +28,16 @@ from autopar._serialize import dumps
 from autopar._slots import Running, WorkerSlots
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker
 
-__all__ = ["Backend", "PostMortem", "SerialExecutor", "acquire", "discard", "post_mortem", "shutdown"]
+__all__ = [
+    "Backend",
+    "PostMortem",
+    "SerialExecutor",
+    "acquire",
+    "discard",
+    "forget_processes",
+    "post_mortem",
+    "shutdown",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -118,7 +127,8 @@ def _tasks_per_child(options: Options) -> int | None:
     ``max_tasks_per_worker`` iterations (chunks are then of a fixed size)."""
     if options.max_tasks_per_worker is None:
         return None
-    return max(1, options.max_tasks_per_worker // (options.chunksize or 1))
+    chunksize = min(options.chunksize or 1, options.max_tasks_per_worker)  # as the engine caps it
+    return max(1, options.max_tasks_per_worker // chunksize)
 
 
 def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
@@ -172,20 +182,52 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
         return executor
 
 
-def discard(executor: Executor, *, kill: bool = False, wait: bool = False) -> None:
-    """Drop a broken or interrupted pool from the cache and close it, waiting with ``wait``.
+def discard(executor: Executor, *, kill: bool = False) -> None:
+    """Drop a broken or interrupted pool from the cache and close it.
 
     With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running).
-    Safe to call from several loops at once, and more than once.
     """
     with _pools_lock:
         for key, cached in list(_pools.items()):
             if cached is executor:
                 del _pools[key]
-    if kill:
-        for process in list(_processes_of.get(id(executor), {}).values()):
-            process.kill()
-    executor.shutdown(wait=wait or kill, cancel_futures=True)
+    _close(executor, kill=kill)
+
+
+_closing: dict[int, tuple[Executor, threading.Event]] = {}
+_closing_lock = threading.Lock()
+
+
+def _close(executor: Executor, *, kill: bool = False) -> None:
+    """Shut ``executor`` down exactly once and wait for it; a caller that comes while another
+    is closing it waits for that close. (Two concurrent ``shutdown(wait=True)`` calls close the
+    same pipe twice, and the second close can hit a descriptor a new pool already reuses.)"""
+    with _closing_lock:
+        known = _closing.get(id(executor))
+        if known is not None and known[0] is executor:
+            first, done = False, known[1]
+        else:
+            first, done = True, threading.Event()
+            _closing[id(executor)] = (executor, done)
+            for key, (_, closed) in list(_closing.items())[:-16]:
+                if closed.is_set():
+                    del _closing[key]
+    if not first:
+        done.wait()
+        return
+    try:
+        if kill:
+            for process in list(_processes_of.get(id(executor), {}).values()):
+                process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
+    finally:
+        done.set()
+
+
+def forget_processes(executor: Executor) -> None:
+    """Drop our references to a closed pool's processes and slots."""
+    _processes_of.pop(id(executor), None)
+    _slots_of.pop(id(executor), None)
 
 
 class PostMortem(NamedTuple):
@@ -209,10 +251,9 @@ def post_mortem(backend: Backend) -> PostMortem:
         if known is not None and known[0] is executor:
             return known[1]
         running = backend.slots.snapshot() if backend.slots is not None else {}
-        discard(executor, wait=True)  # the workers left are stopped and reaped
+        discard(executor)  # the workers left are stopped and reaped
         report = PostMortem(running, backend.exit_codes())
-        _processes_of.pop(id(executor), None)
-        _slots_of.pop(id(executor), None)
+        forget_processes(executor)
         _post_mortems[id(executor)] = (executor, report)
         while len(_post_mortems) > 8:
             _post_mortems.popitem(last=False)
@@ -225,7 +266,6 @@ def shutdown() -> None:
         executors = list(_pools.values()) if _pools_pid == os.getpid() else []
         _pools.clear()
     for executor in executors:
-        executor.shutdown(wait=True, cancel_futures=True)
-        _processes_of.pop(id(executor), None)
-        _slots_of.pop(id(executor), None)
+        _close(executor)
+        forget_processes(executor)
     _shared.shutdown()

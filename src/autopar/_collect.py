@@ -119,7 +119,9 @@ class LoopIterator(Iterator[R], Generic[R]):
 
     def __init__(self, collector: _Collector, on_error: str) -> None:
         self._collector = collector
-        self._generator = self._in_order(on_error)
+        # The generator must not refer back to this iterator: dropping the iterator (a `break`
+        # out of a for loop) then finalizes the generator at once, which stops the loop.
+        self._generator = _in_order(collector, on_error)
 
     @property
     def failures(self) -> list[Failure]:
@@ -137,26 +139,29 @@ class LoopIterator(Iterator[R], Generic[R]):
         """Stop the loop: chunks that have not started are cancelled."""
         self._generator.close()
 
-    def _in_order(self, on_error: str) -> Generator[Any, None, None]:
-        collector = self._collector
-        batches = collector.dispatcher.batches()
-        failed_at: dict[int, Failure] = {}
-        next_index = 0
-        try:
-            for batch in batches:
-                for failure in collector.add(batch):
-                    failed_at[failure.index] = failure
-                values = collector.values
-                while next_index in values:
-                    if next_index in failed_at and on_error == "raise":
-                        batches.close()
-                        collector.raise_first(failed_at[next_index])
-                    failed_at.pop(next_index, None)
-                    yield values.pop(next_index)  # the caller has it now: memory stays flat
-                    next_index += 1
-        finally:
-            batches.close()
-            collector.close()
+
+def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None]:
+    dispatcher = collector.dispatcher
+    dispatcher.delivered = 0
+    batches = dispatcher.batches()
+    failed_at: dict[int, Failure] = {}
+    next_index = 0
+    try:
+        for batch in batches:
+            for failure in collector.add(batch):
+                failed_at[failure.index] = failure
+            values = collector.values
+            while next_index in values:
+                if next_index in failed_at and on_error == "raise":
+                    batches.close()
+                    collector.raise_first(failed_at[next_index])
+                failed_at.pop(next_index, None)
+                yield values.pop(next_index)  # the caller has it now: memory stays flat
+                next_index += 1
+                dispatcher.delivered = next_index
+    finally:
+        batches.close()
+        collector.close()
 
 
 def run_imap(loop: Loop) -> LoopIterator[Any]:

@@ -34,6 +34,13 @@ def _plain_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...
 class _LoopMethods(Generic[P, R]):
     """``map``, ``starmap``, ``imap`` and ``options``, shared by plain and bound wrappers."""
 
+    # wrapt makes a proxy claim its wrapped object's class. For a loop function that would make
+    # cloudpickle take it for a plain function and pickle the bare function by value (from
+    # `__main__`, a notebook or a closure), silently losing `map` and the options.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Any]:
+        return type(self)
+
     # Each subclass defines these: what the workers call (picklable, and bound to its
     # instance for a method), and the options the decorator and .options() gave.
     _loop_target: Callable[[], Callable[..., Any]]
@@ -80,6 +87,11 @@ class BoundLoopFunction(_LoopMethods[P, R], wrapt.BoundFunctionWrapper[P, R]):
         options: Options = self._self_parent._self_options
         return options
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """``obj.method`` pickles as ``getattr(obj, "method")`` (``C.method`` as ``getattr(C, ...)``)."""
+        owner = self._self_instance if self._self_instance is not None else self._self_owner
+        return getattr, (owner, self.__wrapped__.__name__)
+
 
 class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
     """A function decorated with `parallel_loop`: call it as before, or loop it in parallel."""
@@ -103,13 +115,6 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
 
     def __repr__(self) -> str:
         return f"<parallel_loop {self._loop_name()}>"
-
-    # wrapt makes a proxy claim its wrapped object's class. For a LoopFunction that would make
-    # cloudpickle take it for a plain function and pickle the bare function by value (from
-    # `__main__`, a notebook or a closure), silently losing `map` and the options.
-    @property  # type: ignore[misc]
-    def __class__(self) -> type[Any]:
-        return type(self)
 
     def __copy__(self) -> LoopFunction[P, R]:
         return LoopFunction(self.__wrapped__, self._self_options)
@@ -200,7 +205,7 @@ def parallel_loop(
     resolved = Options().merge(validate(options))
 
     def decorate(target: Callable[P, R]) -> LoopFunction[P, R]:
-        if not callable(target):
+        if not callable(target) and not isinstance(target, classmethod | staticmethod):
             raise TypeError(f"parallel_loop decorates a function, not {type(target).__name__}")
         return LoopFunction(target, resolved)
 

@@ -23,7 +23,7 @@ Data flow::
       │  iteration did it; it fails (WorkerCrashed / IterationTimeout), every other call in
       │  flight is sent again to a new pool
       ├─ a chunk whose arguments a worker could not unpickle is sent again call by call
-      └─ a failed iteration with retries left goes back to the front of the line
+      └─ a failed iteration with retries left is sent again, before any new input
       ▼
     Batch(indices, values, failures), in completion order ──▶ _collect (input order, errors)
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
-from autopar._backends import Backend, acquire, discard, post_mortem
+from autopar._backends import Backend, acquire, discard, forget_processes, post_mortem
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
@@ -61,6 +61,7 @@ from autopar._worker import run_calls, run_chunk
 __all__ = ["Dispatcher", "Loop"]
 
 _chunk_ids = itertools.count()  # unique in this process, so that slots name chunks unambiguously
+_loop_tokens = itertools.count(1)
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for an overdue worker
 _SUSPICIONS = 3  # pool breaks an iteration may be present at, unexplained, before it is blamed
 _FRUITLESS_BREAKS = 3  # pool breaks with nobody running before the loop gives up
@@ -106,6 +107,8 @@ class Dispatcher:
         fixed = options.chunksize
         if fixed is None and (options.backend == "serial" or options.max_tasks_per_worker is not None):
             fixed = 1
+        if fixed is not None and options.max_tasks_per_worker is not None:
+            fixed = min(fixed, options.max_tasks_per_worker)
         self._sizer = ChunkSizer(fixed, self.workers, total)
         self._window = 1 if options.backend == "serial" else 2 * self.workers
         self._pending: deque[Calls] = deque()  # chunks to send again, before new input
@@ -115,10 +118,12 @@ class Dispatcher:
         self._overdue: dict[int, Running] = {}  # pid -> what it was running when we killed it
         self._in_flight: dict[Future[Any], _InFlight] = {}
         self._loop_id = uuid.uuid4().hex
+        self._loop_token = next(_loop_tokens)
         self._wire: tuple[str, Payload, str, Payload] | None = None
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
+        self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -129,7 +134,7 @@ class Dispatcher:
         exhausted = False
         try:
             while True:
-                while len(in_flight) < self._window and (self._pending or not exhausted):
+                while len(in_flight) < self._window and (self._pending or (not exhausted and self._may_read())):
                     chunk = self._next_chunk()
                     if not chunk:
                         exhausted = True
@@ -156,9 +161,13 @@ class Dispatcher:
         except KeyboardInterrupt:
             if self._backend is not None and self._backend.owned:
                 discard(self._backend.executor, kill=True)
+                forget_processes(self._backend.executor)
             raise
         finally:
             # A chunk still running may read its segments: those are removed, not kept for reuse.
+            for backend in {id(entry.backend): entry.backend for entry in in_flight.values()}.values():
+                if backend.slots is not None:
+                    backend.slots.cancel(self._loop_token)
             for future, entry in in_flight.items():
                 future.cancel()
                 release(entry.segment, reuse=False)
@@ -166,6 +175,13 @@ class Dispatcher:
                 release(segment, reuse=not in_flight)
 
     # --- sending ---
+
+    def _may_read(self) -> bool:
+        """Whether to read more input: always for map; for imap, only while the results
+        waiting for a slow earlier one stay few (memory stays bounded behind a slow head)."""
+        if self.delivered is None or not self._in_flight:
+            return True
+        return self.consumed - self.delivered < self._window * max(self._sizer.size, 1)
 
     def _next_chunk(self) -> Calls:
         if self._pending:
@@ -202,43 +218,67 @@ class Dispatcher:
             if not chunk:
                 return None, None, refused
             payload, segment = pack(chunk, shared=backend.local)
-        self.bytes_sent += _size(payload)
         function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+        self.bytes_sent += _size(payload) + len(function.data) + len(broadcast.data)
         task = Chunk(
-            self._loop_id, chunk_id, function_key, function, broadcast_key, broadcast, payload, self.options.timeout
+            self._loop_id,
+            chunk_id,
+            function_key,
+            function,
+            broadcast_key,
+            broadcast,
+            payload,
+            self.options.timeout,
+            self._loop_token,
         )
         try:
             for attempt in itertools.count(1):
                 try:
                     future = backend.executor.submit(run_chunk, task)
                     break
-                except (BrokenExecutor, RuntimeError):
-                    # Our pool broke (a crash in this or another loop sharing it), or was shut
-                    # down by autopar.shutdown() in another thread: take a new one.
+                except BrokenExecutor as exc:
+                    if not backend.owned:  # a user's executor: its calls fail, the loop goes on
+                        release(segment)
+                        error = WorkerCrashed(f"the executor cannot run this iteration: {exc}")
+                        return None, None, _merge(refused, self._chunk_failed(chunk, error, ""))
+                    if attempt == 3:
+                        raise
+                    self._replace_pool(backend)
+                except RuntimeError:
+                    # Our pool was shut down by autopar.shutdown() in another thread.
                     if not backend.owned or attempt == 3:
                         raise
-                    post_mortem(backend)
-                    if self._backend is backend:
-                        self._backend = None
-                    backend = self._backend_or_acquire()
+                    self._replace_pool(backend)
+                backend = self._backend_or_acquire()
         except BaseException:
             release(segment)
             raise
         return future, _InFlight(chunk_id, chunk, backend, segment), refused
 
+    def _replace_pool(self, backend: Backend) -> None:
+        """Our pool broke (a crash in this or another loop sharing it) or was shut down:
+        close it (once, for every loop) and let the next submission take a new one."""
+        post_mortem(backend)
+        if self._backend is backend:
+            self._backend = None
+
     def _wire_parts(self, backend: Backend) -> tuple[str, Payload, str, Payload]:
         """The function and broadcast arguments, pickled once per loop; what is large goes to
-        shared memory once, for every worker to map."""
+        shared memory once, for every worker to map, and chunks carry only its name.
+
+        Workers cache what these unpickle to: the function by content, so a warm worker
+        skips it on the next loop; the broadcast arguments for this loop only, so that one
+        an iteration mutated is not handed to the next loop."""
         if self._wire is None:
             parts: list[Any] = []
             for obj in (self.function, self.broadcast):
                 payload, segment = pack(obj, shared=backend.local)
                 if segment is not None:
                     self._loop_segments.append(segment)
-                self.bytes_sent += _size(payload)
+                self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
                 key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
                 parts += [key, payload]
-            self._wire = (parts[0], parts[1], parts[2], parts[3])
+            self._wire = (parts[0], parts[1], f"{self._loop_id}:{parts[2]}", parts[3])
         return self._wire
 
     # --- waiting, and stopping overdue iterations ---
@@ -263,7 +303,7 @@ class Dispatcher:
         now = time.monotonic_ns()
         wait_ns = timeout_ns
         for pid, running in backend.slots.snapshot().items():
-            if running.chunk_id not in ours or running.position < 0 or pid in self._overdue:
+            if running.chunk_id not in ours or pid in self._overdue:
                 continue
             left = running.started_ns + timeout_ns - now
             if left <= 0:
@@ -316,6 +356,11 @@ class Dispatcher:
         indices = chunk.index_list()
         if values is None:
             values = [None] * len(chunk)
+        if self._attempts or self._suspicions:  # forget what is known of calls now settled
+            for position, index in enumerate(indices):
+                if position not in failed:
+                    self._attempts.pop(index, None)
+                    self._suspicions.pop(index, None)
         if not failed:
             return Batch(indices, values, [], seconds)
         final: list[tuple[Call, Failed]] = []
@@ -448,8 +493,21 @@ _SIGNAL_HINTS = {
 }
 
 
+def _merge(first: Batch | None, second: Batch) -> Batch:
+    if first is None:
+        return second
+    return Batch(
+        first.indices + second.indices,
+        first.values + second.values,
+        first.failures + second.failures,
+        first.seconds + second.seconds,
+    )
+
+
 def _size(payload: Payload) -> int:
-    return len(payload.data) + sum(length for _, length in payload.spans)
+    """Bytes a payload moves: its pickle (inline or in shared memory) and its buffers."""
+    in_segment = payload.pickle_span[1] if payload.pickle_span is not None else 0
+    return len(payload.data) + in_segment + sum(length for _, length in payload.spans)
 
 
 def _fresh(exc: BaseException) -> BaseException:

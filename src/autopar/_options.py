@@ -8,7 +8,9 @@ inside a worker runs serially there.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import operator
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -58,7 +60,15 @@ def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unknown option {unknown[0]!r}; the options are: {', '.join(_OPTION_NAMES)}")
     for name, value in changes.items():
         _CHECKS[name](name, value)
-    return {name: tuple(value) if name == "initargs" else value for name, value in changes.items()}
+    normalized: dict[str, Any] = {
+        name: tuple(value) if name == "initargs" else value for name, value in changes.items()
+    }
+    for name in ("workers", "chunksize", "retries", "max_tasks_per_worker"):
+        if normalized.get(name) is not None:
+            normalized[name] = operator.index(normalized[name])
+    if normalized.get("timeout") == math.inf:
+        normalized["timeout"] = None  # no limit, as None says
+    return normalized
 
 
 def resolve(options: Options) -> Options:
@@ -91,7 +101,7 @@ def _default_workers() -> int:
 def _positive_int_or_none(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_whole(value):
         raise TypeError(f"{name}={value!r}: expected a whole number of 1 or more, or None")
     if value < 1:
         raise ValueError(f"{name}={value!r}: must be 1 or more, or None")
@@ -122,12 +132,23 @@ def _check_timeout(name: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name}={value!r}: expected a number of seconds, or None")
-    if not value > 0:
+    if not value > 0:  # also refuses NaN
         raise ValueError(f"{name}={value!r}: must be more than 0 seconds, or None")
 
 
+def _is_whole(value: Any) -> bool:
+    """An int, or an integer-like such as numpy.int64; never a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_retries(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_whole(value):
         raise TypeError(f"{name}={value!r}: expected a whole number of 0 or more")
     if value < 0:
         raise ValueError(f"{name}={value!r}: must be 0 or more")

@@ -73,6 +73,8 @@ class Payload:
     spans: tuple[tuple[int, int], ...] = ()
     use: int = 0
     """Which filling of the segment this is: segments are reused, so a worker caches by both."""
+    pickle_span: tuple[int, int] | None = None
+    """Where the pickle itself lies in the segment, when it was too large to travel inline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class Chunk:
     broadcast: Payload
     calls: Payload
     timeout: float | None = None
+    loop_token: int = 0
+    """A small number naming the loop, for workers to skip the chunks of a stopped loop."""
 
 
 class WireError(NamedTuple):

@@ -1,9 +1,11 @@
 """Large buffers through shared memory: one copy in the parent, read-only views in workers.
 
 `pack` pickles with protocol 5 and takes every large contiguous buffer (a NumPy array's
-data, a ``bytearray``...) out of the pickle stream into one shared-memory segment; workers
-`unpack` it by mapping the segment read-only, so an array arrives as a view, not a copy.
-Nothing here imports NumPy: any object that pickles its data as a ``PickleBuffer`` benefits.
+data, a ``PickleBuffer``) out of the pickle stream into one shared-memory segment, and the
+pickle itself too when it is large (a big dict, a closure holding an array); workers
+`unpack` it by mapping the segment read-only, so an array arrives as a view, not a copy, and
+a chunk carries only the segment's name. Nothing here imports NumPy: any object that pickles
+its data as a ``PickleBuffer`` benefits.
 
 The parent owns every segment: it creates it (registered with multiprocessing's resource
 tracker, which removes it even if the parent is killed) and `release`s it when the chunk or
@@ -57,23 +59,38 @@ def pack(obj: Any, *, shared: bool) -> tuple[Payload, SharedMemory | None]:
         return Payload(dumps(obj)), None
     buffers: list[memoryview] = []
     data = dumps(obj, buffer_callback=lambda buffer: _keep_in_band(buffer, buffers))
-    if not buffers:
+    pieces = buffers + ([memoryview(data)] if len(data) >= SHARE_ABOVE else [])  # a big pickle too
+    if not pieces:
         return Payload(data), None
     spans: list[tuple[int, int]] = []
     offset = 0
-    for raw in buffers:
+    for raw in pieces:
         spans.append((offset, raw.nbytes))
         offset += -(-raw.nbytes // _ALIGN) * _ALIGN
+    if not _room_for(offset):  # a small /dev/shm (containers): stay in the pickle
+        return Payload(dumps(obj)), None
     segment = _take(offset)
     target = segment.buf
     assert target is not None
     try:
-        for raw, (start, length) in zip(buffers, spans, strict=True):
+        for raw, (start, length) in zip(pieces, spans, strict=True):
             target[start : start + length] = raw
     except BaseException:
         release(segment)
         raise
+    if len(pieces) > len(buffers):  # the pickle itself is the last piece
+        return Payload(b"", segment.name, tuple(spans[:-1]), next(_uses), spans[-1]), segment
     return Payload(data, segment.name, tuple(spans), next(_uses)), segment
+
+
+def _room_for(size: int) -> bool:
+    """Whether a segment of ``size`` bytes leaves /dev/shm at least a quarter free: writing to
+    a full tmpfs mapping kills the writer with SIGBUS."""
+    try:
+        stats = os.statvfs(_DEV_SHM)
+    except OSError:
+        return True  # no /dev/shm here: SharedMemory uses what the platform has
+    return (stats.f_bavail * stats.f_frsize - size) >= stats.f_blocks * stats.f_frsize // 4
 
 
 def _take(size: int) -> SharedMemory:
@@ -111,7 +128,11 @@ def unpack(payload: Payload) -> Any:
     if payload.segment is None:
         return loads(payload.data)
     view = _map_read_only(payload.segment)
-    return pickle.loads(payload.data, buffers=[view[start : start + length] for start, length in payload.spans])
+    data: bytes | memoryview = payload.data
+    if payload.pickle_span is not None:
+        start, length = payload.pickle_span
+        data = view[start : start + length]
+    return pickle.loads(data, buffers=[view[start : start + length] for start, length in payload.spans])
 
 
 def _map_read_only(name: str) -> memoryview:
@@ -138,13 +159,22 @@ def release(segment: SharedMemory | None, *, reuse: bool = True) -> None:
     global _atexit_registered
     if reuse:
         with _free_lock:
-            if sum(kept.size for kept in _free) + segment.size <= KEEP_BYTES:
+            if sum(kept.size for kept in _free) + segment.size <= _keep_limit():
                 _free.append(segment)
                 if not _atexit_registered:
                     atexit.register(shutdown)
                     _atexit_registered = True
                 return
     _remove(segment)
+
+
+def _keep_limit() -> int:
+    """`KEEP_BYTES`, or a quarter of /dev/shm where it is smaller (64 MiB in a container)."""
+    try:
+        stats = os.statvfs(_DEV_SHM)
+    except OSError:
+        return KEEP_BYTES
+    return min(KEEP_BYTES, stats.f_blocks * stats.f_frsize // 4)
 
 
 def _remove(segment: SharedMemory) -> None:

@@ -17,13 +17,15 @@ from typing import Any, NamedTuple
 __all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "Running", "WorkerSlots", "process_exists"]
 
 IDLE = -1
-"""Chunk id of a worker between chunks."""
+"""Chunk id of a worker between chunks (chunk ids count up from 0)."""
 LOADING_ARGUMENTS = -1
-"""Position of a worker that is unpickling its chunk's arguments."""
+"""Position of a worker that is unpickling its chunk's arguments (positions count up from 0;
+this is another field than the chunk id, so sharing the value -1 with `IDLE` is harmless)."""
 SENDING_RESULTS = -2
 """Position of a worker that is pickling its chunk's results and exceptions."""
 
 _FIELDS = 4  # pid, chunk id, position, started (monotonic ns, the same clock in every process)
+_CANCELLED = 16  # a ring of the last loops stopped early: their queued chunks are skipped
 
 
 class Running(NamedTuple):
@@ -38,7 +40,7 @@ class WorkerSlots:
     """One slot per worker process of a pool, in shared memory."""
 
     def __init__(self, count: int, context: BaseContext) -> None:
-        self._array: Any = context.RawArray("q", count * _FIELDS)
+        self._array: Any = context.RawArray("q", count * _FIELDS + _CANCELLED + 1)
         self._lock: Any = context.Lock()
         self._count = count
         self._view: memoryview | None = None
@@ -82,15 +84,30 @@ class WorkerSlots:
         inline: a method call per iteration would cost more than a tiny iteration's tenth."""
         return None if self._view is None else (self._view, self._base + 2)
 
-    def started_writer(self) -> tuple[memoryview, int] | None:
-        """Where the run loop writes when the iteration started (monotonic ns), for timeouts."""
-        return None if self._view is None else (self._view, self._base + 3)
-
     def idle(self) -> None:
         if self._view is not None:
             self._view[self._base + 1] = IDLE
 
+    def cancelled(self, loop_token: int) -> bool:
+        """Whether the loop this chunk belongs to has stopped: skip it without running it."""
+        view = self._view
+        if view is None:
+            return False
+        start = self._count * _FIELDS
+        return loop_token in view[start : start + _CANCELLED].tolist()
+
     # --- in the parent ---
+
+    def cancel(self, loop_token: int) -> None:
+        """Tell the workers that a loop has stopped (on_error="raise", a closed imap): its
+        chunks still queued inside the executor, where ``Future.cancel`` cannot reach, are
+        skipped rather than run."""
+        view = memoryview(self._array).cast("B").cast("q")
+        start = self._count * _FIELDS
+        with self._lock:
+            at = view[start + _CANCELLED]
+            view[start + at] = loop_token
+            view[start + _CANCELLED] = (at + 1) % _CANCELLED
 
     def snapshot(self) -> dict[int, Running]:
         """What every worker with a slot is running now, by pid (idle workers left out)."""

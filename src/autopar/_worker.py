@@ -91,13 +91,13 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
     under forkserver every worker holds the fork server's own lifeline. Linux tells through a
     pidfd, which becomes readable when the process ends; elsewhere, look every ``interval``."""
     try:
-        pidfd = os.pidfd_open(parent)
-    except (AttributeError, OSError):
+        poller = select.poll()
+        poller.register(os.pidfd_open(parent), select.POLLIN)  # poll: any fd number works
+        poller.poll()
+    except (AttributeError, OSError, ValueError):
         parent_of_this_process = os.getppid()
         while os.getppid() == parent_of_this_process and process_exists(parent):
             time.sleep(interval)
-    else:
-        select.select([pidfd], [], [])
     os._exit(1)
 
 
@@ -114,6 +114,8 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     """
     slots = _slots
     if slots is not None:
+        if slots.cancelled(chunk.loop_token):  # the loop stopped while this chunk was queued
+            return ChunkResult([], {}, 0.0)
         slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
     try:
         function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
