@@ -48,11 +48,6 @@ class ChunkSizer:
         self._seconds = 0.0
         self._handed_out = 0
 
-    @property
-    def mean_seconds(self) -> float | None:
-        """The measured mean cost of an iteration, or None before any was timed."""
-        return self._seconds / self._iterations if self._iterations else None
-
     def next_size(self) -> int:
         """The size of the next chunk to send."""
         size = self.size
