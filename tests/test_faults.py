@@ -330,9 +330,12 @@ def test_a_broken_user_executor_fails_iterations_instead_of_raising() -> None:
 
     with ProcessPoolExecutor(2) as executor:
         res = parallel_loop(exit_at, backend=executor, on_error="collect").map(range(12))
-    assert res[0] == 0
-    assert not res.ok
+    # Without autopar's slots there is no telling which call killed the pool: every call it
+    # held fails (how many depends on timing), and nothing is lost or raised.
+    failed = {f.index for f in res.failures}
+    assert 3 in failed
     assert all(isinstance(f.exception, WorkerCrashed) for f in res.failures)
+    assert all(res[i] == i for i in range(12) if i not in failed)
 
 
 def test_max_tasks_per_worker_holds_with_a_larger_chunksize() -> None:
