@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autopar._chunking import MAX_CHUNK, ChunkSizer
+from autopar._chunking import CHUNK_BYTES, MAX_CHUNK, ChunkSizer
 
 
 def test_fixed_size_never_changes() -> None:
@@ -56,3 +56,11 @@ def test_automatic_chunks_never_exceed_the_cap() -> None:
     for _ in range(10):
         sizer.record(1000, 1e-7)
     assert sizer.next_size() == MAX_CHUNK
+
+
+def test_chunks_of_big_arguments_stay_under_the_byte_budget() -> None:
+    """1 MB per iteration: a chunk carries at most CHUNK_BYTES of arguments."""
+    sizer = ChunkSizer(None, workers=2)
+    for _ in range(6):
+        sizer.record(sizer.size, sizer.size * 1e-5, nbytes=sizer.size * 1_000_000)
+    assert sizer.size == CHUNK_BYTES // 1_000_000

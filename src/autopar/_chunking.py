@@ -9,19 +9,23 @@ chunk to take about ``target_seconds`` of work, so that the fixed cost of a roun
 (~0.1-0.3 ms) stays a few percent of it; never grow more than ``growth`` times per step, so one
 cheap early iteration cannot produce one huge chunk; and when the input's length is known,
 keep chunks small enough that the last ones still spread over every worker (down to a
-quarter of the cost-based size, about 5 ms of work); and never send more than `MAX_CHUNK`
-iterations at once.
+quarter of the cost-based size, about 5 ms of work); and never send more than `MAX_CHUNK` iterations, or
+`CHUNK_BYTES` of arguments, at once.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["MAX_CHUNK", "ChunkSizer"]
+__all__ = ["CHUNK_BYTES", "MAX_CHUNK", "ChunkSizer"]
 
 MAX_CHUNK = 10_000
 """The most iterations an automatic chunk holds: beyond it the round trip is already a
 negligible share, and a lazy ``imap`` over an endless input would read far ahead."""
+
+CHUNK_BYTES = 8 << 20
+"""Arguments an automatic chunk carries at most: chunks in flight hold their arguments (in
+shared memory when large), so this bounds the memory a loop of big arguments takes."""
 
 
 class ChunkSizer:
@@ -46,6 +50,7 @@ class ChunkSizer:
         self.size = fixed or 1
         self._iterations = 0
         self._seconds = 0.0
+        self._bytes = 0
         self._handed_out = 0
 
     def next_size(self) -> int:
@@ -61,12 +66,15 @@ class ChunkSizer:
         self._handed_out += size
         return size
 
-    def record(self, iterations: int, seconds: float) -> None:
-        """Account for a chunk of ``iterations`` that kept a worker busy for ``seconds``."""
+    def record(self, iterations: int, seconds: float, nbytes: int = 0) -> None:
+        """Account for a chunk of ``iterations`` that kept a worker busy for ``seconds`` and
+        whose arguments took ``nbytes``."""
         self._iterations += iterations
         self._seconds += seconds
+        self._bytes += nbytes
         if self.fixed is not None or not self._iterations:
             return
         mean = max(self._seconds / self._iterations, 1e-7)
         wanted = max(1, int(self.target_seconds / mean))
-        self.size = max(1, min(wanted, self.size * self.growth, MAX_CHUNK))
+        by_bytes = CHUNK_BYTES * self._iterations // max(self._bytes, 1)
+        self.size = max(1, min(wanted, self.size * self.growth, MAX_CHUNK, by_bytes))

@@ -72,6 +72,7 @@ class _InFlight(NamedTuple):
     calls: Calls
     backend: Backend
     segment: SharedMemory | None
+    nbytes: int = 0  # the pickled arguments
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class Dispatcher:
         except BaseException:
             release(segment)
             raise
-        return future, _InFlight(chunk_id, chunk, backend, segment), refused
+        return future, _InFlight(chunk_id, chunk, backend, segment, _size(payload)), refused
 
     def _replace_pool(self, backend: Backend) -> None:
         """Our pool broke (a crash in this or another loop sharing it) or was shut down:
@@ -336,7 +337,7 @@ class Dispatcher:
         except Exception as exc:
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
         self._fruitless_breaks = 0
-        self._sizer.record(len(chunk), result.seconds)
+        self._sizer.record(len(chunk), result.seconds, entry.nbytes)
         if self.in_process:
             values, failed = result.values, result.errors
         else:
