@@ -70,6 +70,19 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def add_peer(module: str, make: Callable[[], list[Runner]], runners: list[Runner], skipped: list[str]) -> None:
+    """Add an optional peer's runners when it is installed; otherwise say it was skipped."""
+    if have(module):
+        runners += make()
+    else:
+        skipped.append(f"{module}: not installed")
+
+
+def with_note(runner: Runner, note: str, *, append: bool = False) -> Runner:
+    runner.note = f"{runner.note}; {note}" if append else note
+    return runner
+
+
 def tuned_chunksize(n: int, workers: int) -> int:
     return max(1, math.ceil(n / (4 * workers)))
 
@@ -173,6 +186,10 @@ def joblib(fn: Callable[..., Any], items: Sequence[Any], cfg: Config, *, warm: b
     return [Runner("joblib", run, setup=joblib_shutdown, note=note)]
 
 
+def joblib_cold_and_warm(fn: Callable[..., Any], items: Sequence[Any], cfg: Config) -> list[Runner]:
+    return joblib(fn, items, cfg, warm=False) + joblib(fn, items, cfg, warm=True)
+
+
 def mpire(fn: Callable[..., Any], items: Sequence[Any], cfg: Config, *, shared: Any = None, note: str = "") -> Runner:
     from mpire import WorkerPool
 
@@ -247,15 +264,9 @@ def standard(
         ppe(fn, items, cfg, chunksize=tuned_chunksize(n, cfg.workers), name="ppe-tuned"),
         ppe_warm(fn, items, cfg),
     ]
-    skipped = []
-    if have("joblib"):
-        runners += joblib(fn, items, cfg, warm=False) + joblib(fn, items, cfg, warm=True)
-    else:
-        skipped.append("joblib: not installed")
-    if have("mpire"):
-        runners.append(mpire(fn, items, cfg))
-    else:
-        skipped.append("mpire: not installed")
+    skipped: list[str] = []
+    add_peer("joblib", lambda: joblib_cold_and_warm(fn, items, cfg), runners, skipped)
+    add_peer("mpire", lambda: [mpire(fn, items, cfg)], runners, skipped)
     runners += autopar_runners(fn, items, cfg)
     return runners, skipped
 
@@ -342,18 +353,22 @@ def loop_broadcast(cfg: Config) -> Loop:
             note=f"best peer: once-per-worker initializer stores the array (inherited by fork), chunksize={tuned}",
         ),
     ]
-    skipped = []
-    if have("joblib"):
-        runners += joblib(wl.task_broadcast, items, cfg, warm=False, big=big)
-        runners += joblib(wl.task_broadcast, items, cfg, warm=True, big=big)
-        runners[-2].note += "; the array goes by joblib's automatic memmapping"
-    else:
-        skipped.append("joblib: not installed")
-    if have("mpire"):
-        note = "WorkerPool(n, shared_objects=array): inherited by fork, no pickling"
-        runners.append(mpire(wl.task_broadcast_shared, items, cfg, shared=big, note=note))
-    else:
-        skipped.append("mpire: not installed")
+    skipped: list[str] = []
+    add_peer(
+        "joblib",
+        lambda: [
+            with_note(
+                joblib(wl.task_broadcast, items, cfg, warm=False, big=big)[0],
+                "the array goes by joblib's automatic memmapping",
+                append=True,
+            ),
+            *joblib(wl.task_broadcast, items, cfg, warm=True, big=big),
+        ],
+        runners,
+        skipped,
+    )
+    note = "WorkerPool(n, shared_objects=array): inherited by fork, no pickling"
+    add_peer("mpire", lambda: [mpire(wl.task_broadcast_shared, items, cfg, shared=big, note=note)], runners, skipped)
     runners += autopar_runners(wl.task_broadcast, items, cfg, kwargs={"big": big})
     runners[-2].note += "; f.map(xs, big=array)"
     return Loop(
@@ -409,15 +424,10 @@ def loop_collect_errors(cfg: Config) -> Loop:
         ),
         _ppe_as_completed(items, cfg),
     ]
-    skipped = []
-    if have("joblib"):
-        runners += joblib(safe, items, cfg, warm=False) + joblib(safe, items, cfg, warm=True)
-    else:
-        skipped.append("joblib: not installed")
-    if have("mpire"):
-        runners.append(mpire(safe, items, cfg, note="WorkerPool(n).map over a try/except wrapper"))
-    else:
-        skipped.append("mpire: not installed")
+    skipped: list[str] = []
+    add_peer("joblib", lambda: joblib_cold_and_warm(safe, items, cfg), runners, skipped)
+    note = "WorkerPool(n).map over a try/except wrapper"
+    add_peer("mpire", lambda: [mpire(safe, items, cfg, note=note)], runners, skipped)
     runners += autopar_runners(wl.task_maybe_fail, items, cfg, convert=_autopar_outcomes, on_error="collect")
     description = f"{n} iterations x 0.5 ms, every {wl.ERROR_EVERY}th raises ValueError; collect values and failures"
     return Loop("collect_errors", description, n, runners, skipped)
@@ -449,16 +459,10 @@ def loop_cold_start(cfg: Config) -> Loop:
         ppe(fn, items, cfg, note="fresh ProcessPoolExecutor(n), fork"),
         ppe(fn, items, cfg, name="ppe (spawn)", context=SPAWN, note="fresh ProcessPoolExecutor(n), spawn"),
     ]
-    skipped = []
-    if have("joblib"):
-        runners += joblib(fn, items, cfg, warm=False)
-        runners[-1].note = "fresh loky workers (loky cannot fork)"
-    else:
-        skipped.append("joblib: not installed")
-    if have("mpire"):
-        runners.append(mpire(fn, items, cfg, note="fresh WorkerPool(n), fork"))
-    else:
-        skipped.append("mpire: not installed")
+    skipped: list[str] = []
+    fresh_loky = "fresh loky workers (loky cannot fork)"
+    add_peer("joblib", lambda: [with_note(joblib(fn, items, cfg, warm=False)[0], fresh_loky)], runners, skipped)
+    add_peer("mpire", lambda: [mpire(fn, items, cfg, note="fresh WorkerPool(n), fork")], runners, skipped)
     runners += autopar_runners(fn, items, cfg)
     runners += autopar_runners(fn, items, cfg, warm=False, start_method="spawn")
     return Loop("cold_start", f"first call: {n} trivial iterations, pool start included", n, runners, skipped)

@@ -141,13 +141,13 @@ class CountsLoads:
         self.path = path
 
     def __reduce__(self) -> Any:
-        return (_load_counted, (self.path,))
+        return (_load_counted, (type(self), self.path))
 
 
-def _load_counted(path: str) -> CountsLoads:
+def _load_counted(cls: type[CountsLoads], path: str) -> CountsLoads:
     with open(path, "a") as file:
         file.write(f"{os.getpid()}\n")
-    return CountsLoads(path)
+    return cls(path)
 
 
 def uses_counted(x: int, counted: CountsLoads) -> int:
@@ -285,23 +285,11 @@ def soak_iteration(i: int) -> Any:
     return i * 2
 
 
-class CountedFunction:
+class CountedFunction(CountsLoads):
     """A callable that appends the loading process's pid to a file each time it is unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
 
     def __call__(self, x: int) -> int:
         return x + 1
-
-    def __reduce__(self) -> Any:
-        return (_load_counted_function, (self.path,))
-
-
-def _load_counted_function(path: str) -> CountedFunction:
-    with open(path, "a") as file:
-        file.write(f"{os.getpid()}\n")
-    return CountedFunction(path)
 
 
 def exit_after(x: float) -> int:

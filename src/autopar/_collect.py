@@ -52,7 +52,7 @@ class _Collector:
     def _failure(self, call: Call, failed: Failed) -> Failure:
         index, args = call
         exc = failed.exception
-        kwargs = dict(self.dispatcher.broadcast)
+        kwargs = dict(self.dispatcher.loop.broadcast)
         note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"
         if failed.attempts > 1:
             note += f" (failed {failed.attempts} attempts)"

@@ -94,8 +94,6 @@ class Dispatcher:
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
-        self.function = loop.function
-        self.broadcast = loop.broadcast
         self.options = options = loop.options
         total = loop.total
         self._arguments = iter(loop.arguments)
@@ -204,7 +202,8 @@ class Dispatcher:
         backend = self._backend_or_acquire()
         chunk_id = next(_chunk_ids)
         if backend.in_process:
-            future = backend.executor.submit(run_calls, self.function, chunk, self.broadcast, self.options.timeout)
+            loop = self.loop
+            future = backend.executor.submit(run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
             return future, _InFlight(chunk_id, chunk, backend, None), None
         refused = None
         try:
@@ -272,7 +271,7 @@ class Dispatcher:
         an iteration mutated is not handed to the next loop."""
         if self._wire is None:
             parts: list[Any] = []
-            for obj in (self.function, self.broadcast):
+            for obj in (self.loop.function, self.loop.broadcast):
                 payload, segment = pack(obj, shared=backend.local)
                 if segment is not None:
                     self._loop_segments.append(segment)

@@ -35,6 +35,7 @@ __all__ = [
     "digest",
     "dumps",
     "split_unpicklable",
+    "stage_error",
     "encode_error",
     "encode_value",
     "encode_values",
@@ -83,6 +84,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def stage_error(what: str, exc: BaseException) -> SerializationError:
+    """``SerializationError("<what>: TypeError: cannot pickle ...")`` caused by ``exc``."""
+    error = SerializationError(f"{what}: {describe(exc)}")
+    error.__cause__ = exc
+    return error
+
+
 def split_unpicklable(calls: Iterable[Call]) -> tuple[list[Call], list[Failed]]:
     """Separate the calls whose arguments pickle from those that do not, failing the latter.
 
@@ -95,9 +103,7 @@ def split_unpicklable(calls: Iterable[Call]) -> tuple[list[Call], list[Failed]]:
         try:
             dumps(call)
         except Exception as exc:
-            error = SerializationError(f"arguments of iteration {call[0]} could not be pickled: {describe(exc)}")
-            error.__cause__ = exc
-            failed.append(Failed(call[0], error))
+            failed.append(Failed(call[0], stage_error(f"arguments of iteration {call[0]} could not be pickled", exc)))
         else:
             good.append(call)
     return good, failed
@@ -145,9 +151,7 @@ def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError])
         try:
             encoded.append(encode_value(value))
         except Exception as exc:
-            error = SerializationError(
-                f"result of iteration {calls.index_of(position)} could not be pickled: {describe(exc)}"
-            )
+            error = stage_error(f"result of iteration {calls.index_of(position)} could not be pickled", exc)
             errors[position] = encode_error(error, "")
             encoded.append(_NONE)
     return encoded
@@ -172,9 +176,7 @@ def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], 
             values.append(loads(blob))
         except Exception as exc:
             index = calls.index_of(position)
-            error = SerializationError(f"result of iteration {index} could not be unpickled: {describe(exc)}")
-            error.__cause__ = exc
-            failed[position] = Failed(index, error)
+            failed[position] = Failed(index, stage_error(f"result of iteration {index} could not be unpickled", exc))
             values.append(None)
     return values, failed
 

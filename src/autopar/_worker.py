@@ -17,9 +17,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from autopar._errors import ChunkArgumentsError, IterationTimeout, SerializationError
+from autopar._errors import ChunkArgumentsError, IterationTimeout
 from autopar._records import Calls, Chunk, ChunkResult, Failed, Payload
-from autopar._serialize import describe, encode_error, encode_values, format_worker_traceback, loads
+from autopar._serialize import (
+    describe,
+    encode_error,
+    encode_values,
+    format_worker_traceback,
+    loads,
+    stage_error,
+)
 from autopar._shared import unpack
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, process_exists
 
@@ -126,7 +133,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         except Exception as exc:
             raise ChunkArgumentsError(
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
-            ) from exc
+            ) from exc  # a subclass, which the engine answers by resending call by call
         values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, slots)
         if slots is not None:
             slots.running(chunk.chunk_id, SENDING_RESULTS)
@@ -207,7 +214,7 @@ def _unpickle_cached(key: str, payload: Payload, what: str) -> Any:
     try:
         value = unpack(payload)
     except Exception as exc:
-        raise SerializationError(f"{what} could not be unpickled in the worker: {describe(exc)}") from exc
+        raise stage_error(f"{what} could not be unpickled in the worker", exc) from exc
     with _cache_lock:
         cache[key] = value
         while len(cache) > (_CACHE_SIZE if cache is _cache else _SHARED_CACHE_SIZE):
