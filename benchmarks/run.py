@@ -47,8 +47,9 @@ class PeakMemory:
 
     A background thread samples every ``SAMPLE_SECONDS`` (reading PSS walks a process's page
     tables: about 0.5 ms for 400 MiB) and looks for new child processes every ``RESCAN_EVERY``
-    samples (a scan of /proc, about 1 ms), so that sampling costs the timed code a few percent of
-    one core. One more sample ends the block. A pool that starts and stops between two samples
+    samples (a scan of /proc, about 1 ms). That thread takes CPU from the code it watches, so
+    memory is sampled in a run of its own, never in a timed one. One more sample ends the
+    block. A pool that starts and stops between two samples
     (a run shorter than the interval) is missed.
     """
 
@@ -122,12 +123,16 @@ def describe_mismatch(got: list[Any], want: list[Any]) -> str:
     return "results differ"
 
 
-def run_once(loop: suite.Loop, outcome: Outcome, expected: list[Any] | None) -> list[Any] | None:
+def run_once(
+    loop: suite.Loop, outcome: Outcome, expected: list[Any] | None, *, memory: bool = False
+) -> list[Any] | None:
+    """Run a runner once: timed, or (``memory``) untimed under the memory sampler, whose
+    thread would otherwise take CPU from the timed code (on 2 cores, ~60 ms of 300)."""
     runner = outcome.runner
     try:
         runner.setup()
         gc.collect()
-        with PeakMemory() as memory:
+        with PeakMemory() if memory else contextlib.nullcontext() as sampler:
             started = time.perf_counter()
             result = runner.run()
             elapsed = time.perf_counter() - started
@@ -142,14 +147,18 @@ def run_once(loop: suite.Loop, outcome: Outcome, expected: list[Any] | None) -> 
             outcome.error = f"WRONG RESULTS: {describe_mismatch(result, want)}"
             print(f"\n!!! {loop.name} / {runner.name}: {outcome.error}", file=sys.stderr)
             return None
-    scale = loop.iterations / runner.cap if runner.cap else 1.0
-    outcome.times.append(elapsed * scale)
-    if memory.peak_mib is not None:
-        outcome.peaks.append(memory.peak_mib)
+    if sampler is not None:
+        if sampler.peak_mib is not None:
+            outcome.peaks.append(sampler.peak_mib)
+    else:
+        scale = loop.iterations / runner.cap if runner.cap else 1.0
+        outcome.times.append(elapsed * scale)
     return result
 
 
-def bench_loop(loop: suite.Loop, repeat: int) -> list[Outcome]:
+def bench_loop(loop: suite.Loop, repeat: int, memory: bool) -> list[Outcome]:
+    """Time every runner ``repeat`` times, in rotating order; then, with ``memory``, run each
+    once more, untimed, to sample its peak memory."""
     outcomes = [Outcome(runner) for runner in loop.runners]
     for outcome in outcomes:
         try:
@@ -168,6 +177,11 @@ def bench_loop(loop: suite.Loop, repeat: int) -> list[Outcome]:
                 if outcome.error is None and not is_first_serial:
                     run_once(loop, outcome, expected)
             print(f"  {loop.name}: round {round_number + 1}/{repeat} done", file=sys.stderr, flush=True)
+        if memory:
+            for outcome in outcomes:
+                if outcome.error is None:
+                    run_once(loop, outcome, expected, memory=True)
+            print(f"  {loop.name}: memory round done", file=sys.stderr, flush=True)
     finally:
         for outcome in outcomes:
             try:
@@ -301,7 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated loop names: " + ", ".join(suite.LOOPS))
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: smaller loops, fewer repeats")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers for every pool")
-    parser.add_argument("--no-memory", action="store_true", help="do not sample memory (no sampling thread at all)")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the untimed memory run"
+    )
     parser.add_argument("--markdown", metavar="PATH", help="also write every table, with a machine header, to PATH")
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         loop = suite.LOOPS[name](config)
         print(f"\n== {loop.name}: {loop.description} ({args.repeat} runs per runner)", flush=True)
-        outcomes = bench_loop(loop, args.repeat)
+        outcomes = bench_loop(loop, args.repeat, memory=psutil is not None)
         failed = failed or any(outcome.error for outcome in outcomes)
         rows = table_rows(loop, outcomes, args.workers)
         print(text_table(rows))

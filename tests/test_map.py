@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import Scaler, square, three_outputs, whoami
+from _helpers import Scaler, fail_on, square, three_outputs, whoami
 from autopar import LoopResult, parallel_loop
 from autopar._chunking import MAX_CHUNK
 
@@ -150,3 +150,42 @@ def test_automatic_chunks_grow_for_cheap_iterations() -> None:
     res = parallel_loop(square, workers=2).map(range(20_000))
     assert res.stats.chunksize > 64
     assert list(res) == [x * x for x in range(20_000)]
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+@pytest.mark.contract
+def test_a_tuple_element_is_one_argument(any_backend: dict[str, Any]) -> None:
+    """map(xs) passes each element as it is, tuples included (starmap unpacks them)."""
+    pairs = [(1, 2), (3, 4)]
+    res = parallel_loop(identity, **any_backend).map(pairs)
+    assert list(res) == pairs
+    failing = parallel_loop(fail_on, **any_backend).options(on_error="collect")
+    (failure,) = failing.map([1, (2, 3), 4], bad=((2, 3),)).failures
+    assert failure.index == 1 and failure.args == ((2, 3),)
+
+
+@pytest.mark.parametrize("sequence", [list, tuple, range])
+def test_sequences_are_sent_in_slices(sequence: Any) -> None:
+    """A list, tuple or range is cut into slices: every element arrives once, in order, and
+    a range slice travels as a range (bytes, not one pickled int per iteration)."""
+    values = range(30_000) if sequence is range else sequence(range(30_000))
+    res = parallel_loop(square, workers=2).map(values)
+    assert list(res) == [x * x for x in range(30_000)]
+    if sequence is range:
+        assert res.stats.bytes_sent < 40_000 < parallel_loop(square, workers=2).map(list(values)).stats.bytes_sent
+
+
+def test_imap_raise_inside_a_chunk_keeps_the_rest_in_the_partial_result(backend: dict[str, Any]) -> None:
+    """imap stops at the failure; what came back after it, undelivered, is in partial_result."""
+    calc = parallel_loop(fail_on, chunksize=10, **backend)
+    results = calc.imap(range(10), bad=(4,))
+    assert [next(results) for _ in range(4)] == [0, 10, 20, 30]
+    with pytest.raises(ValueError) as info:
+        next(results)
+    partial = info.value.partial_result  # type: ignore[attr-defined]
+    assert [f.index for f in partial.failures] == [4]
+    assert [partial[i] for i in range(5, 10)] == [50, 60, 70, 80, 90]
+    assert partial.missing == [0, 1, 2, 3]  # delivered already, by imap itself

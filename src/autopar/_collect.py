@@ -10,7 +10,7 @@ is raised with the results so far as ``err.partial_result``.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from autopar._engine import Dispatcher, Loop
@@ -25,13 +25,54 @@ R = TypeVar("R")
 _MISSING: Any = object()
 
 
+class _Runs:
+    """Values by input index, kept as runs of consecutive iterations (one per chunk, as they
+    come back), so that a loop of tiny iterations costs one slice per chunk, not a dict entry
+    per iteration."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, list[Any]] = {}  # first index -> values
+        self.count = 0
+
+    def put(self, indices: Sequence[int], values: list[Any]) -> None:
+        if isinstance(indices, range):
+            if values:
+                self._runs[indices.start] = values
+        else:
+            self._runs.update((index, [value]) for index, value in zip(indices, values, strict=True))
+        self.count += len(values)
+
+    def take(self, first: int) -> list[Any] | None:
+        """Remove and return the run that starts at ``first``, if it is here."""
+        run = self._runs.pop(first, None)
+        if run is not None:
+            self.count -= len(run)
+        return run
+
+    def to_list(self, size: int) -> tuple[list[Any], list[int]]:
+        """The values of indices ``0..size-1`` (None where missing), and the missing indices."""
+        values: list[Any] = [_MISSING] * size
+        for first, run in self._runs.items():
+            values[first : first + len(run)] = run
+        if self.count == size:  # every iteration came back: the common case
+            return values, []
+        missing = [index for index, value in enumerate(values) if value is _MISSING]
+        for index in missing:
+            values[index] = None
+        return values, missing
+
+    def end(self) -> int:
+        """One past the highest index held."""
+        return max((first + len(run) for first, run in self._runs.items()), default=0)
+
+
 class _Collector:
     """Gathers one loop's outcomes by index, turning failures into `Failure` records."""
 
     def __init__(self, loop: Loop) -> None:
         self.dispatcher = dispatcher = Dispatcher(loop)
         self.name = loop.name
-        self.values: dict[int, Any] = {}
+        self.values = _Runs()
         self.iterations = 0
         self.failures: list[Failure] = []
         self.busy_time = 0.0
@@ -41,7 +82,7 @@ class _Collector:
 
     def add(self, batch: Batch) -> list[Failure]:
         """Store a batch; return its failures (already recorded in ``self.failures``)."""
-        self.values.update(zip(batch.indices, batch.values, strict=True))
+        self.values.put(batch.indices, batch.values)
         self.iterations += len(batch.indices)
         self.busy_time += batch.seconds
         failed = [self._failure(call, failure) for call, failure in batch.failures]
@@ -63,13 +104,7 @@ class _Collector:
 
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``."""
-        size = max(self.dispatcher.consumed, max(self.values, default=-1) + 1)
-        if len(self.values) == size:  # every iteration came back: the common case, at C speed
-            values, missing = list(map(self.values.__getitem__, range(size))), []
-        else:
-            values = [self.values.get(index, _MISSING) for index in range(size)]
-            missing = [index for index, value in enumerate(values) if value is _MISSING]
-            values = [None if value is _MISSING else value for value in values]
+        values, missing = self.values.to_list(max(self.dispatcher.consumed, self.values.end()))
         failures = sorted(self.failures, key=lambda failure: failure.index)
         return LoopResult(values, failures, self.stats(), missing)
 
@@ -150,15 +185,16 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None
         for batch in batches:
             for failure in collector.add(batch):
                 failed_at[failure.index] = failure
-            values = collector.values
-            while next_index in values:
-                if next_index in failed_at and on_error == "raise":
-                    batches.close()
-                    collector.raise_first(failed_at[next_index])
-                failed_at.pop(next_index, None)
-                yield values.pop(next_index)  # the caller has it now: memory stays flat
-                next_index += 1
-                dispatcher.delivered = next_index
+            while (run := collector.values.take(next_index)) is not None:
+                for position, value in enumerate(run):
+                    if next_index in failed_at and on_error == "raise":
+                        batches.close()
+                        collector.values.put(range(next_index, next_index + len(run) - position), run[position:])
+                        collector.raise_first(failed_at[next_index])
+                    failed_at.pop(next_index, None)
+                    yield value  # the caller has it now: memory stays flat
+                    next_index += 1
+                    dispatcher.delivered = next_index
     finally:
         batches.close()
         collector.close()

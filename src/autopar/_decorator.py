@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import replace
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import wrapt
 
@@ -46,10 +46,11 @@ class _LoopMethods(Generic[P, R]):
     _loop_target: Callable[[], Callable[..., Any]]
     _loop_options: Callable[[], Options]
 
-    def _loop(self, arguments: Iterator[tuple[Any, ...]], total: int | None, broadcast: dict[str, Any]) -> Loop:
+    def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
         options = resolve(self._loop_options())
-        return Loop(self._loop_target(), self._loop_name(), arguments, broadcast, options, total)
+        arguments, total, single = calls
+        return Loop(self._loop_target(), self._loop_name(), arguments, broadcast, options, total, single)
 
     def _loop_name(self) -> str:
         wrapped = self.__wrapped__  # type: ignore[attr-defined]
@@ -58,16 +59,16 @@ class _LoopMethods(Generic[P, R]):
     def map(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopResult[R]:
         """Run one iteration per element (several iterables are zipped, as builtin ``map``
         does), in parallel; keyword arguments go to every iteration. Results in input order."""
-        return run_map(self._loop(*_zip_calls("map", iterables), kwargs))
+        return run_map(self._loop(_zip_calls("map", iterables), kwargs))
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **kwargs: Any) -> LoopResult[R]:
         """Like `map`, but each element is a tuple of positional arguments."""
-        return run_map(self._loop(*_star_calls(iterable), kwargs))
+        return run_map(self._loop(_star_calls(iterable), kwargs))
 
     def imap(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopIterator[R]:
         """A lazy iterator of results in input order; the input is read only as workers free
         up, so memory stays bounded for huge or endless iterables."""
-        return run_imap(self._loop(*_zip_calls("imap", iterables), kwargs))
+        return run_imap(self._loop(_zip_calls("imap", iterables), kwargs))
 
     def options(self, **changes: Any) -> LoopFunction[P, R]:
         """A copy of this loop function with some options changed."""
@@ -160,7 +161,14 @@ def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
 
 
-def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[tuple[Any, ...]], int | None]:
+class _Calls(NamedTuple):
+    arguments: Iterable[Any]
+    total: int | None
+    single: bool
+    """``arguments`` yields each call's only argument (one iterable), else a tuple of them."""
+
+
+def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> _Calls:
     if not iterables:
         raise TypeError(f"{method}() needs at least one iterable of arguments")
     for position, iterable in enumerate(iterables, 1):
@@ -168,10 +176,12 @@ def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> tuple[Itera
             raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
     lengths = [len(it) for it in iterables if isinstance(it, Sized)]
     total = min(lengths) if len(lengths) == len(iterables) else None
-    return zip(*iterables, strict=False), total
+    if len(iterables) == 1:  # no 1-tuple per call to build, pickle and unpack
+        return _Calls(iterables[0], total, True)
+    return _Calls(zip(*iterables, strict=False), total, False)
 
 
-def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[tuple[Any, ...]], int | None]:
+def _star_calls(iterable: Iterable[Iterable[Any]]) -> _Calls:
     if not isinstance(iterable, Iterable):
         raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
     total = len(iterable) if isinstance(iterable, Sized) else None
@@ -185,7 +195,7 @@ def _star_calls(iterable: Iterable[Iterable[Any]]) -> tuple[Iterator[tuple[Any, 
                 )
             yield tuple(args)
 
-    return calls(), total
+    return _Calls(calls(), total, False)
 
 
 @overload

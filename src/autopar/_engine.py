@@ -42,7 +42,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import BrokenExecutor, CancelledError, Future
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -78,7 +78,8 @@ class _InFlight(NamedTuple):
 @dataclass(frozen=True)
 class Loop:
     """One loop to run: what to call (``name`` in messages), with which positional
-    ``arguments`` each time, with which broadcast keyword arguments and options."""
+    ``arguments`` each time (tuples, or bare values when ``single``), with which broadcast
+    keyword arguments and options."""
 
     function: Callable[..., Any]
     name: str
@@ -87,6 +88,8 @@ class Loop:
     options: Options
     total: int | None = None
     """The number of calls, when the input knows its length."""
+    single: bool = False
+    """Each element of ``arguments`` is a call's only argument, not a tuple of them."""
 
 
 class Dispatcher:
@@ -96,7 +99,11 @@ class Dispatcher:
         self.loop = loop
         self.options = options = loop.options
         total = loop.total
-        self._arguments = iter(loop.arguments)
+        arguments = loop.arguments
+        # A list, tuple or range of single arguments is cut into slices: a range slice pickles
+        # in a few bytes, a list slice is one copy, instead of an iterator step per iteration.
+        self._sequence = arguments if loop.single and isinstance(arguments, list | tuple | range) else None
+        self._arguments = iter(arguments)
         self._backend: Backend | None = acquire(options)
         self.in_process = self._backend.in_process
         self.workers = 1 if options.backend == "serial" else options.workers or 1
@@ -185,7 +192,12 @@ class Dispatcher:
     def _next_chunk(self) -> Calls:
         if self._pending:
             return self._pending.popleft()
-        chunk = Calls(list(itertools.islice(self._arguments, self._sizer.next_size())), self.consumed)
+        size, start = self._sizer.next_size(), self.consumed
+        if self._sequence is not None:
+            arguments: Sequence[Any] = self._sequence[start : start + size]
+        else:
+            arguments = list(itertools.islice(self._arguments, size))
+        chunk = Calls(arguments, start, single=self.loop.single)
         self.consumed += len(chunk)
         # Report the size the loop settled on, not the shrinking tail or the empty last read.
         self.chunksize = max(self.chunksize, len(chunk))
@@ -497,7 +509,7 @@ def _merge(first: Batch | None, second: Batch) -> Batch:
     if first is None:
         return second
     return Batch(
-        first.indices + second.indices,
+        [*first.indices, *second.indices],
         first.values + second.values,
         first.failures + second.failures,
         first.seconds + second.seconds,

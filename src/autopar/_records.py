@@ -20,15 +20,20 @@ class Calls(Sequence[Call]):
 
     The indices are almost always consecutive, so they are kept as ``first`` alone and the
     ``(index, args)`` pairs are made only when asked for: on tiny iterations, building and
-    pickling a pair per call was a third of the parent's work.
+    pickling a pair per call was a third of the parent's work. Likewise, when every call takes
+    one argument (``f.map(xs)``), ``args`` holds the arguments themselves (``single``), not a
+    1-tuple of each.
     """
 
-    __slots__ = ("args", "first", "indices")
+    __slots__ = ("args", "first", "indices", "single")
 
-    def __init__(self, args: list[tuple[Any, ...]], first: int = 0, indices: list[int] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[Any], first: int = 0, indices: list[int] | None = None, single: bool = False
+    ) -> None:
         self.args = args
         self.first = first
         self.indices = indices
+        self.single = single
 
     @classmethod
     def of(cls, calls: Iterable[Call]) -> Calls:
@@ -38,12 +43,17 @@ class Calls(Sequence[Call]):
         consecutive = indices == list(range(first, first + len(indices)))
         return cls([args for _, args in pairs], first, None if consecutive else indices)
 
-    def index_list(self) -> list[int]:
-        """The input index of every call, in order."""
-        return list(range(self.first, self.first + len(self.args))) if self.indices is None else self.indices
+    def index_list(self) -> Sequence[int]:
+        """The input index of every call, in order: a ``range`` when they are consecutive."""
+        return range(self.first, self.first + len(self.args)) if self.indices is None else self.indices
 
     def index_of(self, position: int) -> int:
         return self.first + position if self.indices is None else self.indices[position]
+
+    def arguments(self, position: int) -> tuple[Any, ...]:
+        """The positional arguments of the call at ``position``."""
+        args = self.args[position]
+        return (args,) if self.single else args
 
     def __len__(self) -> int:
         return len(self.args)
@@ -55,13 +65,14 @@ class Calls(Sequence[Call]):
     def __getitem__(self, position: int | slice) -> Call | Calls:
         if isinstance(position, slice):
             return Calls.of(list(self)[position])
-        return self.index_of(position), self.args[position]
+        return self.index_of(position), self.arguments(position)
 
     def __iter__(self) -> Iterator[Call]:
-        return zip(self.index_list(), self.args, strict=True)
+        arguments = ((args,) for args in self.args) if self.single else self.args
+        return zip(self.index_list(), arguments, strict=True)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return Calls, (self.args, self.first, self.indices)
+        return Calls, (self.args, self.first, self.indices, self.single)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +150,8 @@ class ChunkResult(NamedTuple):
 class Batch:
     """Finished iterations handed from the engine to the collector (completion order)."""
 
-    indices: list[int]
+    indices: Sequence[int]
+    """A ``range`` when the iterations are consecutive (the common case)."""
     values: list[Any]
     failures: list[tuple[Call, Failed]]
     seconds: float

@@ -8,6 +8,7 @@ no pickling and keep the live exception and its traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -168,6 +169,8 @@ def _run(
     where = slots.position_writer() if slots is not None else None
     view, at = where if where is not None else (None, 0)
     stamp_starts = view is not None and timeout is not None
+    single = calls.single
+    target = functools.partial(function, **broadcast) if broadcast else function
     _local.depth = getattr(_local, "depth", 0) + 1
     started = previous = time.perf_counter()
     try:
@@ -177,7 +180,7 @@ def _run(
                     view[at + 1] = time.monotonic_ns()
                 view[at] = position
             try:
-                values.append(function(*args, **broadcast) if broadcast else function(*args))
+                values.append(target(args) if single else target(*args))
             except (Exception, SystemExit) as exc:
                 values.append(None)
                 errors[position] = (exc, format_worker_traceback(exc))
