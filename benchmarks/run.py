@@ -49,8 +49,8 @@ class PeakMemory:
     tables: about 0.5 ms for 400 MiB) and looks for new child processes every ``RESCAN_EVERY``
     samples (a scan of /proc, about 1 ms). That thread takes CPU from the code it watches, so
     memory is sampled in a run of its own, never in a timed one. One more sample ends the
-    block. A pool that starts and stops between two samples
-    (a run shorter than the interval) is missed.
+    block. A pool that starts and stops between two samples (a run shorter than the
+    interval) is missed.
     """
 
     def __init__(self) -> None:
