@@ -162,6 +162,12 @@ def native_threads(x: int) -> tuple[str | None, list[int]]:
     return os.environ.get("OMP_NUM_THREADS"), [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
 
 
+def os_threads(x: int) -> int:
+    """How many threads this process has, as the kernel counts them (native ones included)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
 # --- Fault injection: values that fail at one stage of the trip, in one of three ways ---
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import autopar
-from _helpers import die, native_threads, square, whoami
+from _helpers import die, native_threads, os_threads, square, whoami
 from autopar import WorkerCrashed, parallel_loop
 from conftest import worker_children
 
@@ -103,6 +103,22 @@ def test_workers_cap_native_thread_pools(monkeypatch: pytest.MonkeyPatch) -> Non
     env, pools = parallel_loop(native_threads, workers=2).map([0])[0]
     assert env == str(expected)
     assert all(threads <= expected for threads in pools)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="counts threads through /proc")
+def test_capping_starts_no_native_thread_pool() -> None:
+    """Capping an OpenBLAS the parent loaded leaves no pool thread spinning in a forked worker
+    (setting its thread count restarts the pool, whose idle threads spin ~100 ms each): a
+    worker holds its main thread and the parent watchdog only."""
+    numpy = pytest.importorskip("numpy")
+    pytest.importorskip("threadpoolctl")
+    numpy.ones((64, 64)) @ numpy.ones((64, 64))  # the parent's BLAS pool is up
+    autopar.shutdown()
+    try:
+        counts = set(parallel_loop(os_threads, workers=2, start_method="fork", chunksize=1).map(range(4)))
+    finally:
+        autopar.shutdown()
+    assert counts == {2}
 
 
 def test_a_thread_count_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ shut down by autopar.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import multiprocessing
 import os
 import threading
@@ -26,7 +25,7 @@ from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
 from autopar._slots import Running, WorkerSlots
-from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker
+from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker, thread_pool_controller
 
 __all__ = [
     "Backend",
@@ -139,17 +138,15 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(start_method)
     blas_threads = _blas_threads(workers)
+    thread_pools = None
     if blas_threads is not None and context.get_start_method() == "fork":
-        # Forked workers inherit what is imported here: pay for threadpoolctl's import once,
-        # not once per worker at every cold start.
-        with contextlib.suppress(ImportError):
-            import threadpoolctl  # noqa: F401
+        thread_pools = thread_pool_controller()  # forked workers inherit it: no pickling
     slots = WorkerSlots(4 * workers, context)
     executor = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=initialize_worker,
-        initargs=(user_init, blas_threads, slots, os.getpid()),
+        initargs=(user_init, blas_threads, slots, os.getpid(), thread_pools),
         max_tasks_per_child=_tasks_per_child(options),
     )
     _slots_of[id(executor)] = slots

@@ -8,6 +8,7 @@ no pickling and keep the live exception and its traceback.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import os
 import select
@@ -31,7 +32,14 @@ from autopar._serialize import (
 from autopar._shared import unpack
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, process_exists
 
-__all__ = ["BLAS_THREAD_VARIABLES", "in_worker", "initialize_worker", "run_calls", "run_chunk"]
+__all__ = [
+    "BLAS_THREAD_VARIABLES",
+    "in_worker",
+    "initialize_worker",
+    "run_calls",
+    "run_chunk",
+    "thread_pool_controller",
+]
 
 _CACHE_SIZE = 16
 _SHARED_CACHE_SIZE = 2
@@ -58,39 +66,59 @@ def initialize_worker(
     blas_threads: int | None = None,
     slots: WorkerSlots | None = None,
     parent: int | None = None,
+    thread_pools: Any = None,
 ) -> None:
     """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, the
     worker exits with its parent, claims its progress slot, caps BLAS/OpenMP pools at
     ``blas_threads`` (so that workers x threads does not exceed the CPUs), and the user's
     ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last. ``parent`` is the
-    process that made the pool (under forkserver, not this worker's parent process)."""
+    process that made the pool (under forkserver, not this worker's parent process);
+    ``thread_pools``, a forked worker's inherited `thread_pool_controller`."""
     global _is_worker_process, _slots
     _is_worker_process = True
     if slots is not None:
         slots.claim()
         _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    watchdog = threading.Thread(
-        target=_exit_with_parent, args=(parent or os.getppid(),), name="autopar-orphan-check", daemon=True
-    )
-    watchdog.start()
+    # A bare thread: threading.Thread.start() waits until the new thread runs, which cost a
+    # cold start 1-5 ms per worker on a busy machine. The watchdog only ever exits the process.
+    _thread.start_new_thread(_exit_with_parent, (parent or os.getppid(),))
     if blas_threads is not None:
-        _cap_thread_pools(blas_threads)
+        _cap_thread_pools(blas_threads, thread_pools)
     if user_initializer is not None:
         initializer, initargs = loads(user_initializer)
         initializer(*initargs)
 
 
-def _cap_thread_pools(threads: int) -> None:
+def thread_pool_controller() -> Any:
+    """threadpoolctl's handle on the native thread pools (BLAS, OpenMP) loaded in this
+    process, or None without threadpoolctl. Made in the parent when it forks a pool, so that
+    each worker inherits it instead of scanning its libraries again (~3 ms per worker, at every
+    cold start)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _cap_thread_pools(threads: int, controller: Any = None) -> None:
     """Cap native thread pools: the variables for libraries loaded later, threadpoolctl (when
     installed) for those already loaded, as under fork after the parent imported NumPy."""
     for variable in BLAS_THREAD_VARIABLES:
         os.environ[variable] = str(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    if controller is None:
+        controller = thread_pool_controller()
+    if controller is None:
         return
-    threadpool_limits(threads)
+    controller.limit(limits=threads)
+    for library in controller.lib_controllers:
+        # Setting OpenBLAS's thread count starts its thread pool (after a fork, the pool is
+        # gone), and idle pool threads spin for ~100 ms: a cold pool of 2 workers lost 200 ms
+        # of CPU to them. Stop the pool again; OpenBLAS restarts it when a call needs threads.
+        stop_pool = getattr(getattr(library, "dynlib", None), "blas_thread_shutdown_", None)
+        if library.internal_api == "openblas" and stop_pool is not None:
+            stop_pool()
 
 
 def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
