@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autopar._chunking import CHUNK_BYTES, MAX_CHUNK, ChunkSizer
+from autopar._chunking import CHUNK_BYTES, KNOWN_LENGTH_TARGET, MAX_CHUNK, UNKNOWN_LENGTH_TARGET, ChunkSizer
 
 
 def test_fixed_size_never_changes() -> None:
@@ -38,9 +38,9 @@ def test_known_length_keeps_the_tail_spread_over_workers() -> None:
     assert sizer.next_size() == 13
 
 
-def test_the_tail_does_not_shrink_below_a_quarter_of_the_cost_based_size() -> None:
+def test_the_tail_does_not_shrink_below_tail_seconds_of_work() -> None:
     """Cheap iterations: the last chunks stay big enough to be worth a round trip."""
-    sizer = ChunkSizer(None, workers=2, total=100_000, target_seconds=0.02)
+    sizer = ChunkSizer(None, workers=2, total=100_000, target_seconds=0.02, tail_seconds=0.005)
     for _ in range(5):
         sizer.record(1000, 5e-3)  # 5 us iterations: about 4,000 per chunk by cost
     assert 3990 <= sizer.size <= 4000
@@ -64,3 +64,15 @@ def test_chunks_of_big_arguments_stay_under_the_byte_budget() -> None:
     for _ in range(6):
         sizer.record(sizer.size, sizer.size * 1e-5, nbytes=sizer.size * 1_000_000)
     assert sizer.size == CHUNK_BYTES // 1_000_000
+
+
+def test_chunks_are_longer_when_the_tail_can_shrink() -> None:
+    """A known length lets the last chunks shrink, so the others may be longer (fewer round
+    trips); without one, the last chunk cannot shrink and all chunks stay short."""
+    known, unknown = ChunkSizer(None, workers=2, total=1000), ChunkSizer(None, workers=2)
+    for sizer in (known, unknown):
+        for _ in range(4):
+            sizer.record(sizer.size, sizer.size * 0.005)  # 5 ms iterations
+    assert abs(known.next_size() - KNOWN_LENGTH_TARGET / 0.005) <= 1
+    assert abs(unknown.next_size() - UNKNOWN_LENGTH_TARGET / 0.005) <= 1
+    assert KNOWN_LENGTH_TARGET > UNKNOWN_LENGTH_TARGET

@@ -241,3 +241,26 @@ def test_exceptions_round_trip_through_pickle() -> None:
     assert (stand_in.type_name, stand_in.message, str(stand_in)) == ("mod.Err", "text", "mod.Err: text")
     timeout = pickle.loads(pickle.dumps(autopar.IterationTimeout("slow")))
     assert isinstance(timeout, TimeoutError) and str(timeout) == "slow"
+
+
+def _fail_at(i: int) -> None:
+    if i:
+        raise ValueError(f"bad {i}")
+    try:
+        {}["key"]
+    except KeyError as exc:
+        raise RuntimeError("wrapped") from exc
+
+
+def test_worker_tracebacks_read_as_pythons_own() -> None:
+    """A failing place's frames are formatted once and reused: each text is still exactly
+    what Python prints, for repeated failures at one place and for chained exceptions."""
+    import traceback
+
+    from autopar._serialize import format_worker_traceback
+
+    for i in (1, 2, 1, 0, 0):
+        try:
+            _fail_at(i)
+        except Exception as exc:
+            assert format_worker_traceback(exc) == "".join(traceback.format_exception(exc))

@@ -5,19 +5,27 @@ submission and `ChunkSizer.record` when a chunk comes back.
 
 The automatic policy: start with one iteration per chunk, so the first results arrive at once
 and an expensive loop is balanced from the start; once iterations have been timed, size each
-chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip
-(~0.1-0.3 ms) stays a few percent of it; never grow more than ``growth`` times per step, so one
-cheap early iteration cannot produce one huge chunk; and when the input's length is known,
-keep chunks small enough that the last ones still spread over every worker (down to a
-quarter of the cost-based size, about 5 ms of work); and never send more than `MAX_CHUNK` iterations, or
-`CHUNK_BYTES` of arguments, at once.
+chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip (~0.2-0.5
+ms of the parent's CPU, which on a busy machine is taken from a worker) stays about 1 % of it;
+never grow more than ``growth`` times per step, so one cheap early iteration cannot produce one
+huge chunk; when the input's length is known, keep chunks small enough that the last ones
+still spread over every worker, down to ``tail_seconds`` of work (a geometric tail of ever
+smaller chunks costs more round trips than the balance it buys); and never send more than
+`MAX_CHUNK` iterations, or `CHUNK_BYTES` of arguments, at once.
+
+Without a known length the tail cannot shrink, so the last chunk may leave the other workers
+idle for up to a chunk's duration: chunks then aim at the shorter `UNKNOWN_LENGTH_TARGET`.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["CHUNK_BYTES", "MAX_CHUNK", "ChunkSizer"]
+__all__ = ["CHUNK_BYTES", "KNOWN_LENGTH_TARGET", "MAX_CHUNK", "UNKNOWN_LENGTH_TARGET", "ChunkSizer"]
+
+KNOWN_LENGTH_TARGET = 0.05
+UNKNOWN_LENGTH_TARGET = 0.02
+"""Seconds of work per automatic chunk, with and without a known input length."""
 
 MAX_CHUNK = 10_000
 """The most iterations an automatic chunk holds: beyond it the round trip is already a
@@ -37,14 +45,18 @@ class ChunkSizer:
         workers: int,
         total: int | None = None,
         *,
-        target_seconds: float = 0.02,
+        target_seconds: float | None = None,
+        tail_seconds: float = 0.005,
         growth: int = 8,
         chunks_per_worker: int = 4,
     ) -> None:
         self.fixed = fixed
         self.workers = workers
         self.total = total
+        if target_seconds is None:
+            target_seconds = UNKNOWN_LENGTH_TARGET if total is None else KNOWN_LENGTH_TARGET
         self.target_seconds = target_seconds
+        self.tail_seconds = tail_seconds
         self.growth = growth
         self.chunks_per_worker = chunks_per_worker
         self.size = fixed or 1
@@ -52,17 +64,15 @@ class ChunkSizer:
         self._seconds = 0.0
         self._bytes = 0
         self._handed_out = 0
+        self._tail_size = 1
 
     def next_size(self) -> int:
         """The size of the next chunk to send."""
         size = self.size
         if self.fixed is None and self.total is not None:
             remaining = max(self.total - self._handed_out, 1)
-            # Shrink towards the end so the last chunks spread over every worker, but not below
-            # a quarter of the cost-based size: a geometric tail of ever smaller chunks costs
-            # more round trips than the balance it buys.
             spread = math.ceil(remaining / (self.workers * self.chunks_per_worker))
-            size = min(size, max(1, spread, self.size // 4))
+            size = min(size, max(spread, self._tail_size))
         self._handed_out += size
         return size
 
@@ -76,5 +86,6 @@ class ChunkSizer:
             return
         mean = max(self._seconds / self._iterations, 1e-7)
         wanted = max(1, int(self.target_seconds / mean))
+        self._tail_size = max(1, int(self.tail_seconds / mean))
         by_bytes = CHUNK_BYTES * self._iterations // max(self._bytes, 1)
         self.size = max(1, min(wanted, self.size * self.growth, MAX_CHUNK, by_bytes))
