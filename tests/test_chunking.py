@@ -18,7 +18,7 @@ def test_starts_with_one_and_grows_for_cheap_iterations() -> None:
     assert sizer.next_size() == 8
     for _ in range(6):
         sizer.record(sizer.size, sizer.size * 5e-6)
-    assert sizer.next_size() == int(0.02 / 5e-6)
+    assert sizer.next_size() == round(0.02 / 5e-6)
 
 
 def test_expensive_iterations_stay_one_per_chunk() -> None:

@@ -85,7 +85,7 @@ class ChunkSizer:
         if self.fixed is not None or not self._iterations:
             return
         mean = max(self._seconds / self._iterations, 1e-7)
-        wanted = max(1, int(self.target_seconds / mean))
+        wanted = max(1, round(self.target_seconds / mean))
         self._tail_size = max(1, int(self.tail_seconds / mean))
         by_bytes = CHUNK_BYTES * self._iterations // max(self._bytes, 1)
         self.size = max(1, min(wanted, self.size * self.growth, MAX_CHUNK, by_bytes))
