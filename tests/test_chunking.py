@@ -76,3 +76,14 @@ def test_chunks_are_longer_when_the_tail_can_shrink() -> None:
     assert abs(known.next_size() - KNOWN_LENGTH_TARGET / 0.005) <= 1
     assert abs(unknown.next_size() - UNKNOWN_LENGTH_TARGET / 0.005) <= 1
     assert KNOWN_LENGTH_TARGET > UNKNOWN_LENGTH_TARGET
+
+
+def test_iterations_getting_dearer_shrink_chunks_at_once() -> None:
+    """Input sorted cheapest first: one dear chunk sizes the next by its own cost, not by the
+    loop's mean, which still remembers the cheap start."""
+    sizer = ChunkSizer(None, workers=2, total=10_000, target_seconds=0.05)
+    for _ in range(4):
+        sizer.record(sizer.size, sizer.size * 0.001)  # 1 ms iterations: chunks of 50
+    assert sizer.size == 50
+    sizer.record(50, 50 * 0.01)  # now 10 ms each; the loop's mean is still ~2.6 ms
+    assert sizer.size == 5

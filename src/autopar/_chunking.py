@@ -5,7 +5,8 @@ submission and `ChunkSizer.record` when a chunk comes back.
 
 The automatic policy: start with one iteration per chunk, so the first results arrive at once
 and an expensive loop is balanced from the start; once iterations have been timed, size each
-chunk to take about ``target_seconds`` of work, so that the fixed cost of a round trip (~0.2-0.5
+chunk to take about ``target_seconds`` of work (at the loop's mean cost per iteration, or the
+last chunk's when that was dearer), so that the fixed cost of a round trip (~0.2-0.5
 ms of the parent's CPU, which on a busy machine is taken from a worker) stays about 1 % of it;
 never grow more than ``growth`` times per step, so one cheap early iteration cannot produce one
 huge chunk; when the input's length is known, keep chunks small enough that the last ones
@@ -84,7 +85,9 @@ class ChunkSizer:
         self._bytes += nbytes
         if self.fixed is not None or not self._iterations:
             return
-        mean = max(self._seconds / self._iterations, 1e-7)
+        # Size by the loop's mean cost, or by this chunk's when it was dearer: iterations
+        # that get more expensive (input sorted cheapest first) shrink the chunks at once.
+        mean = max(self._seconds / self._iterations, seconds / max(iterations, 1), 1e-7)
         wanted = max(1, round(self.target_seconds / mean))
         self._tail_size = max(1, int(self.tail_seconds / mean))
         by_bytes = CHUNK_BYTES * self._iterations // max(self._bytes, 1)
