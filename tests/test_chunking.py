@@ -87,3 +87,24 @@ def test_iterations_getting_dearer_shrink_chunks_at_once() -> None:
     assert sizer.size == 50
     sizer.record(50, 50 * 0.01)  # now 10 ms each; the loop's mean is still ~2.6 ms
     assert sizer.size == 5
+
+
+def test_a_known_length_loop_takes_few_round_trips_and_ends_on_small_chunks() -> None:
+    """64 x 25 ms on 2 workers: after one-iteration probes, each chunk takes at most a
+    quarter of what is left (guided self-scheduling), so a dozen chunks or so carry the loop,
+    and the last ones hold one iteration each, spreading the end over both workers."""
+    total, cost = 64, 0.025
+    sizer = ChunkSizer(None, workers=2, total=total)
+    sizes: list[int] = []
+    handed_out = 0
+    while handed_out < total:
+        size = min(sizer.next_size(), total - handed_out)
+        remaining = total - handed_out
+        if sizes:  # not the probes: bounded by the share of what is left
+            assert size <= max(1, -(-remaining // 4))
+        sizes.append(size)
+        handed_out += size
+        sizer.record(size, size * cost)
+    assert sizes[0] == 1
+    assert len(sizes) <= 18  # a 50 ms target alone would take 32
+    assert sizes[-2:] == [1, 1]

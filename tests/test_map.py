@@ -189,3 +189,25 @@ def test_imap_raise_inside_a_chunk_keeps_the_rest_in_the_partial_result(backend:
     assert [f.index for f in partial.failures] == [4]
     assert [partial[i] for i in range(5, 10)] == [50, 60, 70, 80, 90]
     assert partial.missing == [0, 1, 2, 3]  # delivered already, by imap itself
+
+
+def test_the_window_is_refilled_a_worker_count_at_a_time() -> None:
+    """Each submission wakes the executor's threads, so the engine waits until one chunk per
+    worker has come back and then sends that many at once, instead of one per result."""
+    from autopar._backends import SerialExecutor
+
+    events: list[str] = []
+
+    class Recording(SerialExecutor):  # finishes each chunk at submit: the order is exact
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            events.append("send")
+            return super().submit(fn, *args, **kwargs)
+
+    loop = parallel_loop(square, workers=2, chunksize=1, backend=Recording())
+    for _ in loop.imap(range(10)):
+        events.append("take")
+    first = ["send"] * 4  # the window: 2 chunks per worker
+    refill = ["take", "take", "send", "send"]
+    assert events[:4] == first
+    assert events[4:12] == refill * 2
+    assert events.count("send") == events.count("take") == 10

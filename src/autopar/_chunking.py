@@ -6,16 +6,20 @@ submission and `ChunkSizer.record` when a chunk comes back.
 The automatic policy: start with one iteration per chunk, so the first results arrive at once
 and an expensive loop is balanced from the start; once iterations have been timed, size each
 chunk to take about ``target_seconds`` of work (at the loop's mean cost per iteration, or the
-last chunk's when that was dearer), so that the fixed cost of a round trip (~0.2-0.5
-ms of the parent's CPU, which on a busy machine is taken from a worker) stays about 1 % of it;
-never grow more than ``growth`` times per step, so one cheap early iteration cannot produce one
-huge chunk; when the input's length is known, keep chunks small enough that the last ones
-still spread over every worker, down to ``tail_seconds`` of work (a geometric tail of ever
-smaller chunks costs more round trips than the balance it buys); and never send more than
-`MAX_CHUNK` iterations, or `CHUNK_BYTES` of arguments, at once.
+last chunk's when that was dearer); never grow more than ``growth`` times per step, so one
+cheap early iteration cannot produce one huge chunk; and never send more than `MAX_CHUNK`
+iterations, or `CHUNK_BYTES` of arguments, at once.
 
-Without a known length the tail cannot shrink, so the last chunk may leave the other workers
-idle for up to a chunk's duration: chunks then aim at the shorter `UNKNOWN_LENGTH_TARGET`.
+Every round trip costs the parent ~0.15-0.3 ms of CPU, and when the workers fill every core
+each one also stalls the worker it serves by about as much: the fewer chunks, the better, as
+long as the workers finish together. When the input's length is known, that balance comes
+from the tail: each chunk takes at most 1 / (``chunks_per_worker`` x workers) of what is left
+(guided self-scheduling), down to ``tail_seconds`` of work, so the last chunks are small and
+spread over every worker however uneven the iterations. The target can then be long
+(`KNOWN_LENGTH_TARGET`), a cap that keeps progress reports and crash losses short, not the
+rule that sizes most chunks. Without a known length the tail cannot shrink, so the last
+chunk may leave the other workers idle for up to a chunk's duration: chunks then aim at the
+much shorter `UNKNOWN_LENGTH_TARGET`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 
 __all__ = ["CHUNK_BYTES", "KNOWN_LENGTH_TARGET", "MAX_CHUNK", "UNKNOWN_LENGTH_TARGET", "ChunkSizer"]
 
-KNOWN_LENGTH_TARGET = 0.05
+KNOWN_LENGTH_TARGET = 0.5
 UNKNOWN_LENGTH_TARGET = 0.02
 """Seconds of work per automatic chunk, with and without a known input length."""
 
@@ -49,7 +53,7 @@ class ChunkSizer:
         target_seconds: float | None = None,
         tail_seconds: float = 0.005,
         growth: int = 8,
-        chunks_per_worker: int = 4,
+        chunks_per_worker: int = 2,
     ) -> None:
         self.fixed = fixed
         self.workers = workers

@@ -11,7 +11,8 @@ Data flow::
       │        ▼
       │   executor.submit(run_chunk, Chunk)          out-of-process backends (one entry point)
       │   executor.submit(run_calls, fn, chunk)      in-process backends (threads, serial)
-      │        │                                      at most `2 x workers` chunks in flight
+      │        │                                      at most `2 x workers` chunks in flight,
+      │        │                                      refilled `workers` at a time
       ▼        ▼
     in_flight {future: _InFlight} ◀── done callbacks ── SimpleQueue of finished futures
       │                                    ▲
@@ -117,6 +118,9 @@ class Dispatcher:
             fixed = min(fixed, options.max_tasks_per_worker)
         self._sizer = ChunkSizer(fixed, self.workers, total)
         self._window = 1 if options.backend == "serial" else 2 * self.workers
+        # Refill the window only once a worker's worth of chunks has come back: every
+        # submission wakes the executor's threads, and one wake-up can carry several chunks.
+        self._refill_at = max(self._window - self.workers, 0)
         self._pending: deque[Calls] = deque()  # chunks to send again, before new input
         self._attempts: dict[int, int] = {}
         self._suspicions: dict[int, int] = {}
@@ -140,7 +144,8 @@ class Dispatcher:
         exhausted = False
         try:
             while True:
-                while len(in_flight) < self._window and (self._pending or (not exhausted and self._may_read())):
+                refill = len(in_flight) <= self._refill_at
+                while refill and self._may_send(exhausted):
                     chunk = self._next_chunk()
                     if not chunk:
                         exhausted = True
@@ -181,6 +186,10 @@ class Dispatcher:
                 release(segment, reuse=not in_flight)
 
     # --- sending ---
+
+    def _may_send(self, exhausted: bool) -> bool:
+        """Whether the window has room and there is something to send."""
+        return len(self._in_flight) < self._window and (bool(self._pending) or (not exhausted and self._may_read()))
 
     def _may_read(self) -> bool:
         """Whether to read more input: always for map; for imap, only while the results

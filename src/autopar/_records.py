@@ -75,9 +75,12 @@ class Calls(Sequence[Call]):
         return Calls, (self.args, self.first, self.indices, self.single)
 
 
-@dataclass(frozen=True, slots=True)
-class Payload:
-    """A pickled object, and where its out-of-band buffers lie in a shared-memory segment."""
+class Payload(NamedTuple):
+    """A pickled object, and where its out-of-band buffers lie in a shared-memory segment.
+
+    This and `Chunk` are named tuples, not dataclasses: they are pickled and unpickled at
+    every round trip, and a tuple does both in C (a dataclass runs ``__setstate__`` in Python).
+    """
 
     data: bytes
     segment: str | None = None
@@ -88,8 +91,7 @@ class Payload:
     """Where the pickle itself lies in the segment, when it was too large to travel inline."""
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
     """One chunk of iterations, as sent to a worker.
 
     ``function`` and ``broadcast`` are the cloudpickled function and broadcast keyword
