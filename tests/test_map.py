@@ -9,6 +9,7 @@ import pytest
 
 from _helpers import Scaler, fail_on, square, three_outputs, whoami
 from autopar import LoopResult, parallel_loop
+from autopar._backends import SerialExecutor
 from autopar._chunking import MAX_CHUNK
 
 
@@ -194,8 +195,6 @@ def test_imap_raise_inside_a_chunk_keeps_the_rest_in_the_partial_result(backend:
 def test_the_window_is_refilled_a_worker_count_at_a_time() -> None:
     """Each submission wakes the executor's threads, so the engine waits until one chunk per
     worker has come back and then sends that many at once, instead of one per result."""
-    from autopar._backends import SerialExecutor
-
     events: list[str] = []
 
     class Recording(SerialExecutor):  # finishes each chunk at submit: the order is exact
