@@ -280,6 +280,13 @@ def loop_25ms(cfg: Config) -> Loop:
     return Loop("25ms", f"{n} iterations x 25 ms", n, runners, skipped)
 
 
+def loop_compute(cfg: Config) -> Loop:
+    n = cfg.size(64, 16)
+    runners, skipped = standard(wl.task_compute, list(range(n)), cfg)
+    description = f"{n} iterations x {wl.COMPUTE_STEPS:,} steps of pure-Python arithmetic (about 25 ms each)"
+    return Loop("compute", description, n, runners, skipped)
+
+
 def loop_100ms(cfg: Config) -> Loop:
     n = cfg.size(32, 8)
     runners, skipped = standard(wl.task_100ms, list(range(n)), cfg)
@@ -470,6 +477,7 @@ def loop_cold_start(cfg: Config) -> Loop:
 
 LOOPS: dict[str, Callable[[Config], Loop]] = {
     "25ms": loop_25ms,
+    "compute": loop_compute,
     "100ms": loop_100ms,
     "tiny": loop_tiny,
     "heavy_tail_random": loop_heavy_tail_random,

@@ -32,6 +32,18 @@ def task_100ms(i: int) -> int:
     return i * i
 
 
+COMPUTE_STEPS = 340_000  # about 25 ms of pure-Python arithmetic on the 2-core machine of docs/
+
+
+def task_compute(i: int) -> int:
+    """Real CPU work: spinning iterations end on time even while the parent takes their CPU,
+    these take longer, as a user's loop would."""
+    total = i
+    for step in range(COMPUTE_STEPS):
+        total = (total + step * step) % 1_000_003
+    return total
+
+
 def task_tiny(i: int) -> int:
     spin(5e-6)
     return i * i
