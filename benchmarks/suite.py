@@ -274,23 +274,26 @@ def standard(
 # --- the loops -------------------------------------------------------------------------------
 
 
+def _over_indices(name: str, fn: Callable[[int], Any], n: int, description: str, cfg: Config) -> Loop:
+    """A loop calling ``fn(i)`` for i in range(n), with the standard runners."""
+    runners, skipped = standard(fn, list(range(n)), cfg)
+    return Loop(name, description, n, runners, skipped)
+
+
 def loop_25ms(cfg: Config) -> Loop:
     n = cfg.size(64, 16)
-    runners, skipped = standard(wl.task_25ms, list(range(n)), cfg)
-    return Loop("25ms", f"{n} iterations x 25 ms", n, runners, skipped)
+    return _over_indices("25ms", wl.task_25ms, n, f"{n} iterations x 25 ms", cfg)
 
 
 def loop_compute(cfg: Config) -> Loop:
     n = cfg.size(64, 16)
-    runners, skipped = standard(wl.task_compute, list(range(n)), cfg)
     description = f"{n} iterations x {wl.COMPUTE_STEPS:,} steps of pure-Python arithmetic (about 25 ms each)"
-    return Loop("compute", description, n, runners, skipped)
+    return _over_indices("compute", wl.task_compute, n, description, cfg)
 
 
 def loop_100ms(cfg: Config) -> Loop:
     n = cfg.size(32, 8)
-    runners, skipped = standard(wl.task_100ms, list(range(n)), cfg)
-    return Loop("100ms", f"{n} iterations x 100 ms", n, runners, skipped)
+    return _over_indices("100ms", wl.task_100ms, n, f"{n} iterations x 100 ms", cfg)
 
 
 def loop_tiny(cfg: Config) -> Loop:
