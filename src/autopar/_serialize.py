@@ -68,6 +68,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
 def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
     """Pickle ``obj`` by value where plain pickle would go by reference (cloudpickle)."""
+    if _is_plain(obj):  # the common chunk: C pickle alone, without cloudpickle's per-object hooks
+        return pickle.dumps(obj, _PROTOCOL)
     file = io.BytesIO()
     _Pickler(file, protocol=_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return file.getvalue()
@@ -124,7 +126,7 @@ _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _SEQUENCES = (tuple, list)
 
 
-def _all_plain(values: list[Any]) -> bool:
+def _all_plain(values: Iterable[Any]) -> bool:
     """True when every value is a builtin scalar, or a tuple or list of them: values that
     always unpickle, so that the whole chunk can travel as one pickle."""
     kinds = set(map(type, values))
@@ -134,6 +136,14 @@ def _all_plain(values: list[Any]) -> bool:
         return False
     nested = itertools.chain.from_iterable(value for value in values if type(value) in _SEQUENCES)
     return set(map(type, nested)) <= _PLAIN
+
+
+def _is_plain(obj: Any) -> bool:
+    """True for what plain pickle carries exactly as cloudpickle would: the calls of a chunk,
+    or a dict, made only of builtin scalars (and tuples or lists of them), or a range."""
+    if type(obj) is Calls:
+        return type(obj.args) is range or _all_plain(obj.args)
+    return type(obj) is dict and _all_plain(obj) and _all_plain(obj.values())
 
 
 def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError]) -> bytes | list[bytes]:

@@ -1,0 +1,55 @@
+"""Pickling at the process boundary: plain chunks take the fast path, the rest cloudpickle."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+
+from autopar import _serialize
+from autopar._records import Calls
+from autopar._serialize import dumps, loads
+
+
+class _NoCloudpickle:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("cloudpickle was used for a plain object")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        Calls(range(10, 20), 10, single=True),
+        Calls([1, 2.5, "x", None, b"y", True], 3, single=True),
+        Calls([(1, "a"), (2, 3.0, None)], 0, indices=[4, 9]),
+        {"scale": 2, "names": ("a", "b")},
+        {},
+    ],
+    ids=["range", "scalars", "tuples", "dict", "empty"],
+)
+def test_plain_chunks_skip_cloudpickle(obj: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_serialize, "_Pickler", _NoCloudpickle)
+    data = dumps(obj)
+    assert data == pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    again = loads(data)
+    if isinstance(obj, Calls):
+        assert list(again) == list(obj)
+    else:
+        assert again == obj
+
+
+def test_what_plain_pickle_cannot_carry_goes_by_cloudpickle() -> None:
+    class Local(int):  # a subclass of a plain type, and defined where pickle cannot find it
+        pass
+
+    for calls in (
+        Calls([1, Local(2)], 0, single=True),
+        Calls([(1, lambda x: x + 1)], 0),
+        Calls([[Local(3)]], 0, single=True),
+    ):
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            pickle.dumps(calls)
+        again = loads(dumps(calls))
+        assert [index for index, _ in again] == [index for index, _ in calls]
+    assert loads(dumps({"offset": Local(5)}))["offset"] == 5
