@@ -298,6 +298,21 @@ def test_an_unpicklable_argument_under_raise_leaves_nothing_running() -> None:
         calc.map([np.zeros(1 << 17), threading.Lock(), np.zeros(1 << 17)])
 
 
+@pytest.mark.parametrize("on_error", ["raise", "collect"])
+def test_an_unpicklable_function_or_keyword_stops_the_loop_and_names_it(on_error: str) -> None:
+    """No iteration can run: the loop raises at once, whatever on_error, and the chunk's
+    arguments (big enough for shared memory) leave no segment behind (the fixture checks)."""
+    lock = threading.Lock()
+    big = [b"x" * (1 << 17)] * 3
+    calc = parallel_loop(lambda data, guard: len(data), workers=2, on_error=on_error)
+    with pytest.raises(SerializationError, match=r"^keyword argument 'guard' could not be pickled, so no iter"):
+        calc.map(big, guard=lock)
+    closure = parallel_loop(lambda data: len(data) if lock else 0, workers=2, on_error=on_error)
+    with pytest.raises(SerializationError, match=r"^the function \S*<lambda> could not be pickled") as caught:
+        closure.map(big)
+    assert "cannot pickle '_thread.lock' object" in str(caught.value)
+
+
 def test_timeout_also_covers_unpickling_the_arguments() -> None:
     res = parallel_loop(describe_arg, workers=2, timeout=1.0, on_error="collect").map([0, 1, SlowToUnpickle(30), 3])
     assert [f.index for f in res.failures] == [2]

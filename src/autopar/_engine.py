@@ -54,7 +54,7 @@ from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
 from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
-from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
+from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
 from autopar._shared import pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
 from autopar._worker import run_calls, run_chunk
@@ -226,6 +226,9 @@ class Dispatcher:
             loop = self.loop
             future = backend.executor.submit(run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
             return future, _InFlight(chunk_id, chunk, backend, None), None
+        # The function and keyword arguments first: if they cannot be pickled, no chunk ever
+        # can, and no segment of this chunk is left behind.
+        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
         refused = None
         try:
             payload, segment = pack(chunk, shared=backend.local)
@@ -239,7 +242,6 @@ class Dispatcher:
             if not chunk:
                 return None, None, refused
             payload, segment = pack(chunk, shared=backend.local)
-        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
         self.bytes_sent += _size(payload) + len(function.data) + len(broadcast.data)
         task = Chunk(
             self._loop_id,
@@ -293,7 +295,12 @@ class Dispatcher:
         if self._wire is None:
             parts: list[Any] = []
             for obj in (self.loop.function, self.loop.broadcast):
-                payload, segment = pack(obj, shared=backend.local)
+                try:
+                    payload, segment = pack(obj, shared=backend.local)
+                except Exception as exc:
+                    broadcast = self.loop.broadcast
+                    what = _culprit(broadcast) if obj is broadcast else f"the function {self.loop.name}"
+                    raise stage_error(f"{what} could not be pickled, so no iteration can run", exc) from exc
                 if segment is not None:
                     self._loop_segments.append(segment)
                 self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
@@ -523,6 +530,16 @@ def _merge(first: Batch | None, second: Batch) -> Batch:
         first.failures + second.failures,
         first.seconds + second.seconds,
     )
+
+
+def _culprit(broadcast: dict[str, Any]) -> str:
+    """Which of the broadcast keyword arguments cannot be pickled."""
+    for name, value in broadcast.items():
+        try:
+            dumps(value)
+        except Exception:
+            return f"keyword argument {name!r}"
+    return "the keyword arguments"
 
 
 def _size(payload: Payload) -> int:

@@ -68,7 +68,8 @@ class IterationTimeout(AutoparError, TimeoutError):
 
 
 class SerializationError(AutoparError):
-    """An argument, result or exception of one iteration could not be pickled or unpickled."""
+    """An argument, result or exception of one iteration could not be pickled or unpickled;
+    or the function or a broadcast keyword argument could not be, which stops the whole loop."""
 
 
 class ChunkArgumentsError(SerializationError):
