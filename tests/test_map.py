@@ -113,6 +113,18 @@ def test_imap_over_a_large_input_is_complete(backend: dict[str, Any]) -> None:
     assert total == sum(x * x for x in range(5000))
 
 
+def test_inputs_longer_than_len_can_count_run_like_builtin_map(backend: dict[str, Any]) -> None:
+    """len(range(10**20)) overflows; the builtin map still iterates it, and so do we."""
+    huge = range(10**20, 2 * 10**20)
+    looped = parallel_loop(square, **backend)
+    results = looped.imap(huge)
+    assert list(itertools.islice(results, 3)) == [x * x for x in huge[:3]]
+    results.close()
+    pairs = parallel_loop(three_outputs, **backend).map(range(3), huge)
+    assert list(pairs) == [three_outputs(a, b) for a, b in zip(range(3), huge, strict=False)]
+    assert list(parallel_loop(square, **backend).map(huge[:4])) == [x * x for x in huge[:4]]
+
+
 def test_stats_describe_the_loop(backend: dict[str, Any]) -> None:
     """stats count iterations and workers and relate busy time to wall time."""
     res = parallel_loop(square, **backend).map(range(30))

@@ -174,17 +174,30 @@ def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> _Calls:
     for position, iterable in enumerate(iterables, 1):
         if not isinstance(iterable, Iterable):
             raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
-    lengths = [len(it) for it in iterables if isinstance(it, Sized)]
-    total = min(lengths) if len(lengths) == len(iterables) else None
+    lengths = [_length(it) for it in iterables]
+    known = [length for length in lengths if length is not None]
+    # The calls stop with the shortest iterable: its length, if every one has a length.
+    total = min(known) if known and all(isinstance(it, Sized) for it in iterables) else None
     if len(iterables) == 1:  # no 1-tuple per call to build, pickle and unpack
         return _Calls(iterables[0], total, True)
     return _Calls(zip(*iterables, strict=False), total, False)
 
 
+def _length(iterable: Iterable[Any]) -> int | None:
+    """The number of elements, or None when unknown: no ``len()``, or more than ``len()``
+    can count (``range(10**20)``, which iterates fine)."""
+    if not isinstance(iterable, Sized):
+        return None
+    try:
+        return len(iterable)
+    except OverflowError:
+        return None
+
+
 def _star_calls(iterable: Iterable[Iterable[Any]]) -> _Calls:
     if not isinstance(iterable, Iterable):
         raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
-    total = len(iterable) if isinstance(iterable, Sized) else None
+    total = _length(iterable)
 
     def calls() -> Iterator[tuple[Any, ...]]:
         for index, args in enumerate(iterable):
