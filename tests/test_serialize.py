@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copyreg
 import pickle
+import threading
 from typing import Any
 
 import pytest
@@ -53,3 +55,20 @@ def test_what_plain_pickle_cannot_carry_goes_by_cloudpickle() -> None:
         again = loads(dumps(calls))
         assert [index for index, _ in again] == [index for index, _ in calls]
     assert loads(dumps({"offset": Local(5)}))["offset"] == 5
+
+
+class _Handle:
+    """Holds a lock, so it pickles only through the reducer registered below."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.lock = n, threading.Lock()
+
+
+def test_reducers_registered_with_copyreg_after_import_are_used() -> None:
+    with pytest.raises(TypeError):
+        dumps([_Handle(1)])
+    copyreg.pickle(_Handle, lambda handle: (_Handle, (handle.n,)))
+    try:
+        assert loads(dumps([_Handle(7)]))[0].n == 7
+    finally:
+        del copyreg.dispatch_table[_Handle]

@@ -8,7 +8,6 @@ cloudpickle where it cannot, so one bad result never costs another iteration its
 
 from __future__ import annotations
 
-import copyreg
 import functools
 import hashlib
 import io
@@ -19,6 +18,7 @@ import os
 import pickle
 import re
 import traceback
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, TracebackType
 from typing import Any, ClassVar
@@ -59,11 +59,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     traceback. marshal carries a code object whole; workers run the same Python version.
     """
 
-    dispatch_table: ClassVar[Any] = {
-        **copyreg.dispatch_table,
-        **cloudpickle.Pickler.dispatch_table,
-        CodeType: _reduce_code,
-    }
+    # A live view, like cloudpickle's own: reducers registered with copyreg later still count.
+    dispatch_table: ClassVar[Any] = ChainMap({CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
 def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
