@@ -53,9 +53,23 @@ def test_the_tail_does_not_shrink_below_tail_seconds_of_work() -> None:
 
 def test_automatic_chunks_never_exceed_the_cap() -> None:
     sizer = ChunkSizer(None, workers=2)
+    sizes = []
     for _ in range(10):
-        sizer.record(1000, 1e-7)
-    assert sizer.next_size() == MAX_CHUNK
+        sizes.append(sizer.next_size())
+        sizer.record(sizes[-1], sizes[-1] * 1e-7)
+    assert max(sizes) == sizes[-1] == MAX_CHUNK
+
+
+def test_chunks_grow_from_what_was_measured_not_from_how_often() -> None:
+    """Cheap one-iteration probes coming back one after another must not compound into a
+    huge chunk: the first iterations of a loop are not always like the rest."""
+    sizer = ChunkSizer(None, workers=4)
+    window = [sizer.next_size() for _ in range(8)]
+    for size in window[:5]:
+        sizer.record(size, 1e-6)
+    assert sizer.next_size() == sizer.growth
+    sizer.record(sizer.growth, sizer.growth * 1e-6)
+    assert sizer.next_size() == sizer.growth**2
 
 
 def test_chunks_of_big_arguments_stay_under_the_byte_budget() -> None:
