@@ -344,3 +344,12 @@ def exit_at(x: int, at: int = 3) -> int:
     if x == at:
         os._exit(1)
     return x
+
+
+initializations: list[Any] = []
+
+
+def remember_and_count(value: Any) -> None:
+    """An initializer that also records each time it runs in this process."""
+    initializations.append(value)
+    remember(value)

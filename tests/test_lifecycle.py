@@ -9,11 +9,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import _helpers
 import autopar
-from _helpers import die, native_threads, os_threads, square, whoami
+from _helpers import die, initialized, native_threads, os_threads, remember_and_count, square, whoami
 from autopar import WorkerCrashed, parallel_loop
 from conftest import worker_children
 
@@ -131,3 +133,30 @@ def test_a_thread_count_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         autopar.shutdown()
     assert env == "3"
+
+
+def test_every_backend_runs_the_initializer_before_its_iterations(backend: dict[str, Any]) -> None:
+    """A program written for processes keeps working on threads, or serially to debug it."""
+    _helpers.remember(None)
+    calc = parallel_loop(initialized, initializer=remember_and_count, initargs=("ready",), **backend)
+    assert list(calc.map(range(4))) == ["ready"] * 4
+
+
+def test_the_serial_backend_initializes_once_until_shutdown() -> None:
+    _helpers.initializations.clear()
+    calc = parallel_loop(initialized, backend="serial", initializer=remember_and_count, initargs=("serial",))
+    calc.map(range(3))
+    calc.map(range(3))
+    assert _helpers.initializations == ["serial"], "warm, like a pool's workers"
+    autopar.shutdown()
+    calc.map(range(3))
+    assert _helpers.initializations == ["serial", "serial"]
+
+
+def test_a_failing_initializer_under_the_serial_backend_raises_here() -> None:
+    def broken() -> None:
+        raise RuntimeError("no model")
+
+    with pytest.raises(RuntimeError, match="no model") as caught:
+        parallel_loop(initialized, backend="serial", initializer=broken, on_error="collect").map(range(3))
+    assert "raised by the initializer, which backend='serial' runs in this process" in caught.value.__notes__

@@ -79,3 +79,38 @@ def test_notebook_cell_functions_run_and_show_their_source(tmp_path: Path, start
     assert "values [0, 3, None, 9]" in out
     assert 'File "<ipython-input-1>", line 3, in cell_function' in out
     assert "raise KeyError('cell')  # cell line" in out
+
+
+INITIALIZED_SCRIPT = """
+    import sys
+    from autopar import parallel_loop
+
+    MODEL = None
+    SCALE = 1
+
+    def load_model(offset):
+        global MODEL
+        MODEL = lambda x: x + offset
+
+    def helper(x):
+        return MODEL(x) * SCALE
+
+    @parallel_loop(workers=2, start_method=sys.argv[1], initializer=load_model, initargs=(100,))
+    def predict(x):
+        return helper(x)
+
+    if __name__ == "__main__":
+        SCALE = 2  # the parent's globals still travel with the function
+        print("first", list(predict.map(range(4))))
+        SCALE = 3  # and a later loop on the same warm workers sees the new value
+        print("second", list(predict.map(range(2))))
+"""
+
+
+def test_a_script_initializer_sets_globals_its_loop_function_reads(tmp_path: Path, start_method: str) -> None:
+    """The multiprocessing pattern: the initializer assigns a module global, the function and
+    its helpers read it. A script's functions travel by value, each with a copy of the
+    script's globals; the worker hands them what the initializer assigned."""
+    out = run_script(INITIALIZED_SCRIPT, tmp_path, start_method).stdout
+    assert "first [200, 202, 204, 206]" in out
+    assert "second [300, 303]" in out

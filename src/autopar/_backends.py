@@ -10,6 +10,7 @@ shut down by autopar.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import threading
@@ -112,13 +113,37 @@ def acquire(options: Options) -> Backend:
         local = isinstance(backend, ProcessPoolExecutor)
         return Backend(backend, in_process=in_process, owned=False, workers=workers, local=local)
     if backend == "serial":
+        _initialize_here(options)
         return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
     if backend == "thread":
-        key: tuple[Any, ...] = ("thread", workers)
-        return Backend(_cached(key, lambda: ThreadPoolExecutor(workers, "autopar")), True, True, workers)
+        key: tuple[Any, ...] = ("thread", workers, options.initializer, options.initargs)
+        threads = functools.partial(ThreadPoolExecutor, workers, "autopar", options.initializer, options.initargs)
+        return Backend(_cached(key, threads), True, True, workers)
     key = ("process", workers, options.start_method, options.initializer, options.initargs, _tasks_per_child(options))
     executor = _cached(key, lambda: _make_process_pool(options, workers))
     return Backend(executor, False, True, workers, local=True, slots=_slots_of.get(id(executor)))
+
+
+_initialized_here: set[tuple[Any, ...]] = set()
+_initialize_lock = threading.Lock()
+
+
+def _initialize_here(options: Options) -> None:
+    """The serial backend's one worker is this process: run the initializer here, once until
+    `shutdown`, as a pool runs it once in each new worker (a program that works on processes
+    keeps working when switched to ``backend="serial"`` to debug it)."""
+    if options.initializer is None:
+        return
+    key = (options.initializer, options.initargs)
+    with _initialize_lock:
+        if key in _initialized_here:
+            return
+        try:
+            options.initializer(*options.initargs)
+        except BaseException as exc:
+            exc.add_note("raised by the initializer, which backend='serial' runs in this process")
+            raise
+        _initialized_here.add(key)
 
 
 def _tasks_per_child(options: Options) -> int | None:
@@ -262,6 +287,8 @@ def shutdown() -> None:
     with _pools_lock:
         executors = list(_pools.values()) if _pools_pid == os.getpid() else []
         _pools.clear()
+    with _initialize_lock:
+        _initialized_here.clear()
     for executor in executors:
         _close(executor)
         forget_processes(executor)

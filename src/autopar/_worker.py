@@ -49,6 +49,8 @@ _cache_lock = threading.Lock()
 _local = threading.local()
 _is_worker_process = False
 _slots: WorkerSlots | None = None
+_initialized_globals: dict[Any, tuple[dict[str, Any], list[str]]] = {}
+"""By module name: the initializer's globals, and the names it assigned in them."""
 
 
 BLAS_THREAD_VARIABLES = (
@@ -87,7 +89,38 @@ def initialize_worker(
         _cap_thread_pools(blas_threads, thread_pools)
     if user_initializer is not None:
         initializer, initargs = loads(user_initializer)
-        initializer(*initargs)
+        _run_initializer(initializer, initargs)
+
+
+def _run_initializer(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
+    """Run the user's initializer and note which globals of its module it assigned.
+
+    A function from a script's ``__main__`` travels by value, with its own copy of the
+    globals it reads, taken in the parent: without this, ``MODEL = load()`` in the
+    initializer would stay invisible to a loop function that reads ``MODEL`` (its copy says
+    ``None``), where with plain multiprocessing both share the module. See `_callable_here`.
+    """
+    namespace = getattr(initializer, "__globals__", None)
+    before = dict(namespace) if isinstance(namespace, dict) else {}
+    initializer(*initargs)
+    if isinstance(namespace, dict):
+        assigned = [name for name, value in namespace.items() if name not in before or before[name] is not value]
+        if assigned:
+            _initialized_globals[namespace.get("__name__")] = (namespace, assigned)
+
+
+def _callable_here(loop_function: Any) -> Any:
+    """What a worker calls for a loop function it has just unpickled: the bare function,
+    given the globals its module's initializer assigned in this worker (when it travelled by
+    value, with its own copy of the module's globals)."""
+    function = getattr(loop_function, "_autopar_unwrapped", loop_function)
+    namespace = getattr(function, "__globals__", None)
+    if isinstance(namespace, dict):
+        source, names = _initialized_globals.get(namespace.get("__name__"), (namespace, []))
+        if source is not namespace:
+            for name in names:
+                namespace[name] = source[name]
+    return function
 
 
 def thread_pool_controller() -> Any:
@@ -154,8 +187,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
             return ChunkResult([], {}, 0.0)
         slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
     try:
-        function = _unpickle_cached(chunk.function_key, chunk.function, "the function")
-        function = getattr(function, "_autopar_unwrapped", function)
+        function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
         broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
         try:
             calls: Calls = unpack(chunk.calls)
@@ -230,7 +262,7 @@ def _overran(seconds: float, timeout: float) -> IterationTimeout:
     )
 
 
-def _unpickle_cached(key: str, payload: Payload, what: str) -> Any:
+def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[Any], Any] | None = None) -> Any:
     """Unpickle a function or broadcast arguments once per worker (per content, or per
     shared-memory segment), so that a warm worker skips the work on later chunks and loops.
 
@@ -246,6 +278,8 @@ def _unpickle_cached(key: str, payload: Payload, what: str) -> Any:
         value = unpack(payload)
     except Exception as exc:
         raise stage_error(f"{what} could not be unpickled in the worker", exc) from exc
+    if prepare is not None:
+        value = prepare(value)
     with _cache_lock:
         cache[key] = value
         while len(cache) > (_CACHE_SIZE if cache is _cache else _SHARED_CACHE_SIZE):
