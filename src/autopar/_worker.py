@@ -248,18 +248,21 @@ def _run(
                 now = time.perf_counter()
                 if now - previous > timeout and position not in errors:
                     values[-1] = None
-                    errors[position] = (_overran(now - previous, timeout), "")
+                    errors[position] = (_overran(now - previous, timeout, stoppable=slots is not None), "")
                 previous = now
     finally:
         _local.depth -= 1
     return values, errors, time.perf_counter() - started
 
 
-def _overran(seconds: float, timeout: float) -> IterationTimeout:
-    return IterationTimeout(
-        f"iteration ran {seconds:.3g} s, past timeout={timeout:g} s; this backend cannot stop a "
-        "running iteration, so it ran to the end and its result was dropped"
+def _overran(seconds: float, timeout: float, *, stoppable: bool) -> IterationTimeout:
+    why = (
+        "it returned before the parent stopped its worker (the parent stops overdue iterations "
+        "while it waits for results: with imap, while next() waits)"
+        if stoppable
+        else "this backend cannot stop a running iteration, so it ran to the end"
     )
+    return IterationTimeout(f"iteration ran {seconds:.3g} s, past timeout={timeout:g} s; {why}; its result was dropped")
 
 
 def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[Any], Any] | None = None) -> Any:
