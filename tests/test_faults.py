@@ -308,6 +308,22 @@ def test_shutdown_during_a_loop_in_another_thread_loses_nothing() -> None:
     assert list(out["res"]) == [0.2] * 8
 
 
+def test_timeouts_in_one_loop_cost_nothing_in_another_sharing_the_pool() -> None:
+    """Each worker a loop stops for its timeout breaks the shared pool under the other loop
+    too: that loop resends what it lost, and never blames it (three such breaks used to fail
+    an innocent iteration as a crash)."""
+    out: dict[str, Any] = {}
+    innocent = threading.Thread(
+        target=lambda: out.update(res=parallel_loop(sleep_then, workers=2, on_error="collect").map([2.0]))
+    )
+    innocent.start()
+    time.sleep(0.3)
+    hung = parallel_loop(sleep_then, workers=2, chunksize=1, timeout=0.2, on_error="collect").map([30.0] * 4)
+    assert [type(f.exception) for f in hung.failures] == [IterationTimeout] * 4
+    innocent.join(60)
+    assert list(out["res"]) == [2.0] and out["res"].failures == []
+
+
 def test_an_unpicklable_argument_under_raise_leaves_nothing_running() -> None:
     """The refused iteration raises at once; its chunk-mates are cancelled, no segment leaks."""
     np = pytest.importorskip("numpy")

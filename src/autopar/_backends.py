@@ -80,6 +80,8 @@ class Backend:
         process = _processes_of.get(id(self.executor), {}).get(pid)
         if process is None:
             return
+        with _stopped_lock:  # every loop on this pool must know it was no crash
+            _stopped_of.setdefault(id(self.executor), set()).add(pid)
         process.terminate()
 
         def kill_if_still_there() -> None:
@@ -98,6 +100,9 @@ class Backend:
 
 _pools: dict[tuple[Any, ...], Executor] = {}
 _slots_of: dict[int, WorkerSlots] = {}
+_stopped_of: dict[int, set[int]] = {}
+"""By pool: the workers a loop stopped on purpose (an iteration past its timeout)."""
+_stopped_lock = threading.Lock()
 _processes_of: dict[int, dict[int, BaseProcess]] = {}
 _pools_lock = threading.Lock()
 _pools_pid = os.getpid()
@@ -250,13 +255,17 @@ def forget_processes(executor: Executor) -> None:
     """Drop our references to a closed pool's processes and slots."""
     _processes_of.pop(id(executor), None)
     _slots_of.pop(id(executor), None)
+    with _stopped_lock:
+        _stopped_of.pop(id(executor), None)
 
 
 class PostMortem(NamedTuple):
-    """What a broken pool's workers were running when it broke, and how each one ended."""
+    """What a broken pool's workers were running when it broke, how each one ended, and
+    which ones a loop stopped on purpose (timeouts: no crash, whichever loop it broke)."""
 
     running: dict[int, Running]
     exit_codes: dict[int, int | None]
+    stopped: frozenset[int] = frozenset()
 
 
 _post_mortems: OrderedDict[int, tuple[Executor, PostMortem]] = OrderedDict()
@@ -274,7 +283,9 @@ def post_mortem(backend: Backend) -> PostMortem:
             return known[1]
         running = backend.slots.snapshot() if backend.slots is not None else {}
         discard(executor)  # the workers left are stopped and reaped
-        report = PostMortem(running, backend.exit_codes())
+        with _stopped_lock:
+            stopped = frozenset(_stopped_of.get(id(executor), ()))
+        report = PostMortem(running, backend.exit_codes(), stopped)
         forget_processes(executor)
         _post_mortems[id(executor)] = (executor, report)
         while len(_post_mortems) > 8:

@@ -420,7 +420,7 @@ class Dispatcher:
         every other call again, to a new pool."""
         backend = first.backend
         lost = [first] + [self._in_flight.pop(f) for f, e in list(self._in_flight.items()) if e.backend is backend]
-        running, exit_codes = post_mortem(backend)
+        running, exit_codes, stopped = post_mortem(backend)
         if self._backend is backend:
             self._backend = None
         for entry in lost:
@@ -439,6 +439,9 @@ class Dispatcher:
             else:
                 continue
             blamed.setdefault(where.chunk_id, {})[where.position] = Failed(-1, error)
+        if not blamed and stopped:  # another loop stopped a worker past its timeout: no crash
+            self._pending.extendleft(entry.calls for entry in reversed(lost))
+            return
         if not blamed:  # nobody to blame, in this loop or another one sharing the pool
             yield from self._suspect(lost, running)
             return
