@@ -353,3 +353,7 @@ def remember_and_count(value: Any) -> None:
     """An initializer that also records each time it runs in this process."""
     initializations.append(value)
     remember(value)
+
+
+def kib_of_zeros(kib: int) -> bytes:
+    return bytes(kib << 10)

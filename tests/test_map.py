@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from _helpers import Scaler, fail_on, square, three_outputs, whoami
+from _helpers import Scaler, fail_on, kib_of_zeros, square, three_outputs, whoami
 from autopar import LoopResult, parallel_loop
 from autopar._backends import SerialExecutor
-from autopar._chunking import MAX_CHUNK
+from autopar._chunking import CHUNK_BYTES, MAX_CHUNK
 
 
 @pytest.mark.contract
@@ -123,6 +123,14 @@ def test_inputs_longer_than_len_can_count_run_like_builtin_map(backend: dict[str
     pairs = parallel_loop(three_outputs, **backend).map(range(3), huge)
     assert list(pairs) == [three_outputs(a, b) for a, b in zip(range(3), huge, strict=False)]
     assert list(parallel_loop(square, **backend).map(huge[:4])) == [x * x for x in huge[:4]]
+
+
+def test_big_results_keep_chunks_small() -> None:
+    """A chunk's results count toward its byte budget, however cheap the iterations: an imap
+    over many big results holds a bounded amount (the chunk grew to 64, 256 MiB, before)."""
+    results = parallel_loop(kib_of_zeros, workers=2).imap([512] * 120)
+    assert all(len(value) == 512 << 10 for value in results)
+    assert results.stats.chunksize <= CHUNK_BYTES // (512 << 10)
 
 
 def test_stats_describe_the_loop(backend: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ last chunk's when that was dearer); never more than ``growth`` times the largest
 timed so far, so a few cheap first iterations cannot produce one huge chunk (50 free
 iterations, then 400 of 5 ms, took 1.68 x the ideal time when one-iteration chunks coming
 back one after another compounded their growth; 1.01 x now);
-and never send more than `MAX_CHUNK` iterations, or `CHUNK_BYTES` of arguments, at once.
+and never send more than `MAX_CHUNK` iterations, or `CHUNK_BYTES` of arguments and results,
+at once.
 
 Every round trip costs the parent ~0.15-0.3 ms of CPU, and when the workers fill every core
 each one also stalls the worker it serves by about as much: the fewer chunks, the better, as
@@ -39,8 +40,10 @@ MAX_CHUNK = 10_000
 negligible share, and a lazy ``imap`` over an endless input would read far ahead."""
 
 CHUNK_BYTES = 8 << 20
-"""Arguments an automatic chunk carries at most: chunks in flight hold their arguments (in
-shared memory when large), so this bounds the memory a loop of big arguments takes."""
+"""Pickled arguments and results an automatic chunk carries at most: chunks in flight hold
+their arguments (in shared memory when large), a worker holds a chunk's results until it is
+done, and ``imap`` buffers them behind a slow first iteration, so this bounds the memory a
+loop of big arguments or results takes."""
 
 
 class ChunkSizer:
@@ -86,7 +89,7 @@ class ChunkSizer:
 
     def record(self, iterations: int, seconds: float, nbytes: int = 0) -> None:
         """Account for a chunk of ``iterations`` that kept a worker busy for ``seconds`` and
-        whose arguments took ``nbytes``."""
+        whose arguments and results took ``nbytes`` (pickled)."""
         self._iterations += iterations
         self._largest = max(self._largest, iterations)
         self._seconds += seconds
