@@ -39,6 +39,7 @@ import copy
 import itertools
 import queue
 import signal
+import threading
 import time
 import traceback
 import uuid
@@ -142,6 +143,7 @@ class Dispatcher:
         finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
         in_flight = self._in_flight
         exhausted = False
+        watching = self._watch_timeouts()
         try:
             while True:
                 refill = len(in_flight) <= self._refill_at
@@ -160,9 +162,9 @@ class Dispatcher:
                     if exhausted and not self._pending:
                         return
                     continue
-                future = self._next_finished(finished)
-                if future is None or future not in in_flight:
-                    continue  # woke up to enforce timeouts, or a chunk already sent again
+                future = finished.get()
+                if future not in in_flight:
+                    continue  # a chunk already sent again
                 entry = in_flight.pop(future)
                 if self._broke_our_pool(future, entry):
                     yield from self._recover(entry)
@@ -175,6 +177,8 @@ class Dispatcher:
                 forget_processes(self._backend.executor)
             raise
         finally:
+            if watching is not None:
+                watching.set()
             # A chunk still running may read its segments: those are removed, not kept for reuse.
             for backend in {id(entry.backend): entry.backend for entry in in_flight.values()}.values():
                 if backend.slots is not None:
@@ -311,23 +315,33 @@ class Dispatcher:
 
     # --- waiting, and stopping overdue iterations ---
 
-    def _next_finished(self, finished: queue.SimpleQueue[Future[Any]]) -> Future[Any] | None:
-        """The next finished future; None when it is time to look for overdue iterations."""
-        backend = self._backend
-        if self.options.timeout is None or backend is None or backend.slots is None:
-            return finished.get()
-        try:
-            return finished.get(timeout=self._stop_overdue(backend))
-        except queue.Empty:
+    def _watch_timeouts(self) -> threading.Event | None:
+        """With a timeout on autopar's own pool, start a thread that stops overdue iterations,
+        whether or not the consumer is waiting (``imap`` hands control back between results).
+        Returns the event that stops it; None when there is nothing to watch."""
+        timeout = self.options.timeout
+        if timeout is None or self._backend is None or self._backend.slots is None:
             return None
+        stop = threading.Event()
+
+        def watch() -> None:
+            wait = timeout
+            while not stop.wait(wait):
+                backend = self._backend  # a broken pool is replaced: watch the current one
+                wait = self._stop_overdue(backend) if backend is not None and backend.slots is not None else timeout
+
+        threading.Thread(target=watch, name=f"autopar timeouts of {self.loop.name}", daemon=True).start()
+        return stop
 
     def _stop_overdue(self, backend: Backend) -> float:
         """Kill the workers running one of our iterations past the timeout; return how long
-        until the next one could be overdue."""
+        until the next one could be overdue. Runs in the watching thread: it only reads the
+        engine's state, through operations that are atomic."""
         assert backend.slots is not None
         assert self.options.timeout is not None
         timeout_ns = int(self.options.timeout * 1e9)
-        ours = {entry.chunk_id for entry in self._in_flight.values() if entry.backend is backend}
+        entries = list(self._in_flight.values())  # one C-level copy: the loop thread may be adding
+        ours = {entry.chunk_id for entry in entries if entry.backend is backend}
         now = time.monotonic_ns()
         wait_ns = timeout_ns
         for pid, running in backend.slots.snapshot().items():

@@ -257,8 +257,7 @@ def _run(
 
 def _overran(seconds: float, timeout: float, *, stoppable: bool) -> IterationTimeout:
     why = (
-        "it returned before the parent stopped its worker (the parent stops overdue iterations "
-        "while it waits for results: with imap, while next() waits)"
+        "it returned before its worker could be stopped"
         if stoppable
         else "this backend cannot stop a running iteration, so it ran to the end"
     )
