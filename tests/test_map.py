@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -164,6 +167,25 @@ def test_user_executor_is_used_and_left_open() -> None:
         calc = parallel_loop(three_outputs, backend=executor)
         assert calc.map(range(5), offset=3.0).unzip()[1] == [0.0, 3.0, 6.0, 9.0, 12.0]
         assert executor.submit(square, 4).result() == 16
+
+
+def test_an_executor_passed_in_runs_as_many_calls_at_once_as_it_can() -> None:
+    """Not two per CPU of this machine: a 6-thread pool runs 6 iterations at once."""
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def busy(x: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return x
+
+    with ThreadPoolExecutor(6) as executor:
+        res = parallel_loop(busy, backend=executor, chunksize=1).map(range(24))
+    assert list(res) == list(range(24))
+    assert res.stats.workers == 6 and peak[0] == 6
 
 
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:

@@ -81,8 +81,25 @@ def resolve(options: Options) -> Options:
     if in_worker():
         options = replace(options, backend="serial")
     if options.workers is None:
-        options = replace(options, workers=_default_workers())
+        capacity = _capacity(options.backend) if isinstance(options.backend, Executor) else None
+        options = replace(options, workers=capacity or _default_workers())
     return options
+
+
+def _capacity(executor: Executor) -> int | None:
+    """How many calls an executor the user passed runs at once, where it says: a thread or
+    process pool (the standard library's, loky's), or a Dask client's executor (its threads,
+    over the whole cluster). The engine keeps twice that many chunks in flight."""
+    workers = getattr(executor, "_max_workers", None)
+    if isinstance(workers, int) and workers > 0:
+        return workers
+    threads = getattr(getattr(executor, "_client", None), "nthreads", None)
+    if callable(threads):
+        try:
+            return sum(threads().values()) or None
+        except Exception:
+            return None
+    return None
 
 
 def _default_workers() -> int:
