@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -27,6 +28,11 @@ from autopar._options import Options, resolve
         ({"start_method": "thread"}, ValueError, r"start_method='thread': choose one of"),
         ({"initializer": 5}, TypeError, r"initializer=5: expected a callable"),
         ({"wokers": 2}, TypeError, r"unknown option 'wokers'; the options are: workers, backend"),
+        (
+            {"backend": ThreadPoolExecutor(1), "initializer": print},
+            ValueError,
+            r"^initializer= runs in the workers autopar starts; an executor you pass is used as it is",
+        ),
     ],
 )
 def test_bad_options_name_option_value_and_choices(options: dict[str, Any], error: type, message: str) -> None:

@@ -186,6 +186,11 @@ def _check_start_method(name: str, value: Any) -> None:
 
 def check_combination(options: Options) -> None:
     """Options that are fine alone but not together."""
+    if options.initializer is not None and isinstance(options.backend, Executor):
+        raise ValueError(
+            "initializer= runs in the workers autopar starts; an executor you pass is used as it "
+            "is: give it the initializer (ProcessPoolExecutor(initializer=..., initargs=...))"
+        )
     if options.max_tasks_per_worker is not None and options.start_method == "fork":
         raise ValueError(
             "max_tasks_per_worker needs start_method='spawn' or 'forkserver' (or None): "
