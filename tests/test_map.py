@@ -231,7 +231,18 @@ def test_imap_raise_inside_a_chunk_keeps_the_rest_in_the_partial_result(backend:
     partial = info.value.partial_result  # type: ignore[attr-defined]
     assert [f.index for f in partial.failures] == [4]
     assert [partial[i] for i in range(5, 10)] == [50, 60, 70, 80, 90]
-    assert partial.missing == [0, 1, 2, 3]  # delivered already, by imap itself
+    assert partial.missing == []  # 0-3 were handed out already: not kept, and not missing
+    assert [partial[i] for i in range(4)] == [None] * 4
+
+
+def test_imap_partial_result_misses_only_what_never_came_back(backend: dict[str, Any]) -> None:
+    results = parallel_loop(fail_on, chunksize=1, **backend).imap(range(10), bad=(4,))
+    assert [next(results) for _ in range(4)] == [0, 10, 20, 30]
+    with pytest.raises(ValueError) as info:
+        next(results)
+    partial = info.value.partial_result  # type: ignore[attr-defined]
+    assert all(index > 4 for index in partial.missing)
+    assert all(partial[index] == 10 * index for index in range(5, len(partial)) if index not in partial.missing)
 
 
 def test_the_window_is_refilled_a_worker_count_at_a_time() -> None:

@@ -103,8 +103,11 @@ class _Collector:
         return Failure(index, args, kwargs, exc, failed.traceback, failed.attempts)
 
     def result(self) -> LoopResult[Any]:
-        """Everything collected so far; indices that never ran are listed as ``missing``."""
+        """Everything collected so far; indices that never ran are listed as ``missing``.
+        Results ``imap`` already handed out are not kept: ``None`` there, but not missing."""
         values, missing = self.values.to_list(max(self.dispatcher.consumed, self.values.end()))
+        delivered = self.dispatcher.delivered or 0
+        missing = [index for index in missing if index >= delivered]
         failures = sorted(self.failures, key=lambda failure: failure.index)
         return LoopResult(values, failures, self.stats(), missing)
 
