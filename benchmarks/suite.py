@@ -222,7 +222,7 @@ class AutoparLoop:
     def info(self) -> str:
         if self.last is None:
             return ""
-        return f"last chunksize {self.last.stats.chunksize}"
+        return f"largest chunk {self.last.stats.chunksize}"
 
 
 def autopar_runners(

@@ -23,7 +23,7 @@ def test_progress_bar_counts_every_iteration(capsys: pytest.CaptureFixture[str])
 def test_without_tqdm_a_warning_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
-    with pytest.warns(UserWarning, match=r"progress=True needs tqdm: pip install 'autopar\[progress\]'"):
+    with pytest.warns(UserWarning, match=r"progress=True needs tqdm \(pip install tqdm, or autopar's progress extra\)"):
         bar = progress_bar(True, 10, "f")
     bar.update(3)
     bar.close()

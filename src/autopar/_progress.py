@@ -28,7 +28,7 @@ def progress_bar(enabled: bool, total: int | None, name: str) -> ProgressBar:
         return _NoProgress()
     if importlib.util.find_spec("tqdm") is None:
         warnings.warn(
-            "progress=True needs tqdm: pip install 'autopar[progress]'; running without a bar",
+            "progress=True needs tqdm (pip install tqdm, or autopar's progress extra); running without a bar",
             stacklevel=5,
         )
         return _NoProgress()
