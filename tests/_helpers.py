@@ -112,6 +112,11 @@ def nested_loop(x: int) -> list[int]:
     return list(decorated_square.map(range(x)))
 
 
+def pids_inside(x: int) -> tuple[int, set[int]]:
+    """This iteration's process, and those the iterations of a loop started inside it ran in."""
+    return os.getpid(), set(parallel_loop(whoami, workers=2).map(range(x)))
+
+
 class Scaler:
     def __init__(self, factor: int) -> None:
         self.factor = factor
@@ -357,3 +362,7 @@ def remember_and_count(value: Any) -> None:
 
 def kib_of_zeros(kib: int) -> bytes:
     return bytes(kib << 10)
+
+
+def lookup(key: str, table: dict[str, Any]) -> Any:
+    return table[key]

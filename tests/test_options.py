@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import nested_loop, square
+from _helpers import nested_loop, pids_inside, square
 from autopar import parallel_loop
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options, resolve
@@ -88,6 +88,8 @@ def test_a_loop_inside_a_worker_runs_serially() -> None:
     """A loop started inside an iteration runs serially there instead of starting a pool."""
     assert list(nested_loop.options(workers=2).map([2, 3])) == [[0, 1], [0, 1, 4]]
     assert list(nested_loop.options(backend="thread", workers=2).map([3])) == [[0, 1, 4]]
+    for outer, inner in parallel_loop(pids_inside, workers=2).map([3, 3]):
+        assert inner == {outer}, "the inner loop ran in the outer iteration's own process"
 
 
 def test_integer_likes_and_infinite_timeout_are_accepted() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pickle import PickleBuffer
 import pytest
 
 import autopar
-from _helpers import CountedFunction, CountsLoads, append_to, array_info, broadcast_sum, bytes_len, uses_counted
+from _helpers import CountedFunction, CountsLoads, append_to, array_info, broadcast_sum, bytes_len, lookup, uses_counted
 from autopar import parallel_loop
 from autopar._shared import SHARE_ABOVE, pack, release, segment_prefix, unpack
 
@@ -57,7 +58,9 @@ def test_broadcast_array_is_shared_by_every_iteration() -> None:
     np = pytest.importorskip("numpy")
     table = np.arange(1_000_000, dtype=np.float64)
     calc = parallel_loop(broadcast_sum, workers=2, chunksize=1)
-    assert list(calc.map(range(0, 1_000_000, 50_000), table=table)) == list(range(0, 1_000_000, 50_000))
+    res = calc.map(range(0, 1_000_000, 50_000), table=table)
+    assert list(res) == list(range(0, 1_000_000, 50_000))
+    assert res.stats.bytes_sent < 1.5 * table.nbytes, "sent once, not with each of the 20 chunks"
     table[0] = 42.0  # a changed array is sent again, never a stale copy
     assert calc.map([0], table=table)[0] == 42.0
 
@@ -65,8 +68,17 @@ def test_broadcast_array_is_shared_by_every_iteration() -> None:
 def test_without_numpy_any_buffer_object_benefits() -> None:
     """Anything that pickles its data as a PickleBuffer travels through shared memory."""
     blob = bytearray(range(256)) * 1024
-    res = parallel_loop(bytes_len, workers=2).map(range(3), blob=PickleBuffer(blob))
+    res = parallel_loop(bytes_len, workers=2, chunksize=1).map(range(3), blob=PickleBuffer(blob))
     assert list(res) == [(len(blob), 0), (len(blob), 1), (len(blob), 2)]
+    assert res.stats.bytes_sent < 1.5 * len(blob), "sent once, not with each of the 3 chunks"
+
+
+def test_a_large_pickle_travels_through_shared_memory_too() -> None:
+    """A big broadcast of many small objects (no buffer to take out) goes once, as a whole."""
+    table = {f"key{i}": i for i in range(100_000)}
+    res = parallel_loop(lookup, workers=2, chunksize=1).map(["key7", "key99999"] * 10, table=table)
+    assert list(res) == [7, 99_999] * 10
+    assert res.stats.bytes_sent < 1.5 * len(pickle.dumps(table))
 
 
 def test_broadcast_is_unpickled_once_per_worker_and_loop(tmp_path: Path) -> None:
