@@ -94,12 +94,6 @@ def return_breaks_on_load(x: int) -> Any:
     return ResultBreaksOnLoad() if x == 1 else x
 
 
-def die(x: int) -> int:
-    if x == 1:
-        os._exit(3)
-    return x
-
-
 @parallel_loop(workers=2)
 def decorated_square(x: int) -> int:
     """Square x."""
@@ -247,13 +241,17 @@ def raise_fault(x: int, fault: str) -> int:
 
 
 def crash_in_call(x: int, how: str) -> int:
-    """At x == 3: raise, exit, segfault, kill itself with SIGKILL or hang."""
+    """At x == 3: raise, exit, segfault, kill itself with SIGKILL, or hang (ignoring SIGTERM
+    when stubborn)."""
     import signal
 
     if x == 3:
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif how == "hang":
+            time.sleep(60)
+        elif how == "stubborn":  # ignores SIGTERM: only the SIGKILL that follows stops it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             time.sleep(60)
         else:
             FAULTS[how]()

@@ -84,6 +84,7 @@ CASES: list[Any] = [
     ("call", "segfault", WorkerCrashed, "worker process {pid} died while running this iteration: killed by SIGSEGV"),
     ("call", "kill", WorkerCrashed, "worker process {pid} died while running this iteration: killed by SIGKILL: out"),
     ("call", "hang", IterationTimeout, "the iteration ran longer than timeout=1 s"),
+    ("call", "stubborn", IterationTimeout, "the iteration ran longer than timeout=1 s"),  # SIGKILL after 1 s
     ("argument pickle", "raise", SerializationError, "arguments of iteration 3 could not be pickled: RuntimeError"),
     ("argument unpickle", "raise", SerializationError, "arguments of this chunk could not be unpickled in the worker"),
     ("argument unpickle", "exit", WorkerCrashed, "worker process {pid} died while unpickling this iteration's argu"),
@@ -220,7 +221,6 @@ def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) ->
                 time.sleep(60)
 
             if __name__ == "__main__":
-                slow.options(workers=2).map([0.0])  if False else None
                 print("ready", flush=True)
                 slow.map(range(8))
             """
@@ -232,6 +232,7 @@ def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) ->
     assert proc.stdout.readline().strip() == b"ready"
     time.sleep(2.0)
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert workers
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
