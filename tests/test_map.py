@@ -249,6 +249,7 @@ def test_imap_partial_result_misses_only_what_never_came_back(backend: dict[str,
     with pytest.raises(ValueError) as info:
         next(results)
     partial = info.value.partial_result  # type: ignore[attr-defined]
+    assert [failure.index for failure in partial.failures] == [4]
     assert all(index > 4 for index in partial.missing)
     assert all(partial[index] == 10 * index for index in range(5, len(partial)) if index not in partial.missing)
 

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 from pickle import PickleBuffer
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,23 @@ def test_function_is_unpickled_once_per_worker(tmp_path: Path) -> None:
     assert list(calc.map(range(30))) == list(range(1, 31))
     pids = log.read_text().split()
     assert len(pids) == len(set(pids)) <= 2
+
+
+def test_a_nearly_full_dev_shm_keeps_arrays_in_the_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing to a full tmpfs mapping kills the writer with SIGBUS: with less than a quarter
+    of /dev/shm free, large arrays travel pickled (a writeable copy) and no segment is made."""
+    np = pytest.importorskip("numpy")
+    real = os.statvfs(DEV_SHM)
+
+    def nearly_full(path: Any) -> os.statvfs_result:
+        blocks = real.f_blocks
+        fields = list(real)
+        fields[3] = fields[4] = blocks // 10  # f_bfree, f_bavail: a tenth left
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr("autopar._shared.os.statvfs", nearly_full)
+    before = segments()
+    arrays = [np.full(1 << 17, float(i)) for i in range(4)]
+    res = parallel_loop(array_info, workers=2).map(arrays)
+    assert list(res) == [(float(i) * (1 << 17), True) for i in range(4)]
+    assert segments() == before
