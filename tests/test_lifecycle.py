@@ -122,3 +122,15 @@ def test_a_failing_initializer_under_the_serial_backend_raises_here() -> None:
     with pytest.raises(RuntimeError, match="no model") as caught:
         parallel_loop(initialized, backend="serial", initializer=broken, on_error="collect").map(range(3))
     assert "raised by the initializer, which backend='serial' runs in this process" in caught.value.__notes__
+
+
+def test_a_serial_initializer_may_run_a_loop_itself() -> None:
+    """The initializer runs under a lock; a loop it starts with the same initializer neither
+    waits for that lock nor runs the initializer again."""
+    runs: list[list[int]] = []
+
+    def load() -> None:
+        runs.append(list(parallel_loop(square, backend="serial", initializer=load).map(range(3))))
+
+    assert list(parallel_loop(square, backend="serial", initializer=load).map([2])) == [4]
+    assert runs == [[0, 1, 4]]

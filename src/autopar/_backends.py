@@ -130,7 +130,7 @@ def acquire(options: Options) -> Backend:
 
 
 _initialized_here: set[tuple[Any, ...]] = set()
-_initialize_lock = threading.Lock()
+_initialize_lock = threading.RLock()  # an initializer may itself run a (serial) loop
 
 
 def _initialize_here(options: Options) -> None:
@@ -143,12 +143,13 @@ def _initialize_here(options: Options) -> None:
     with _initialize_lock:
         if key in _initialized_here:
             return
+        _initialized_here.add(key)  # first: a loop the initializer runs must not run it again
         try:
             options.initializer(*options.initargs)
         except BaseException as exc:
+            _initialized_here.discard(key)
             exc.add_note("raised by the initializer, which backend='serial' runs in this process")
             raise
-        _initialized_here.add(key)
 
 
 def _tasks_per_child(options: Options) -> int | None:
