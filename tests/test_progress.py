@@ -32,3 +32,10 @@ def test_without_tqdm_a_warning_says_how_to_get_it(monkeypatch: pytest.MonkeyPat
 def test_no_progress_means_no_output(capsys: pytest.CaptureFixture[str]) -> None:
     parallel_loop(square, workers=2).map(range(5))
     assert capsys.readouterr().err == ""
+
+
+def test_an_imap_closed_before_its_first_result_closes_its_bar() -> None:
+    tqdm = pytest.importorskip("tqdm").tqdm
+    results = parallel_loop(square, workers=2, progress=True).imap(range(5))
+    results.close()
+    assert not [bar for bar in list(tqdm._instances) if bar.desc == "square"]

@@ -176,6 +176,7 @@ class LoopIterator(Iterator[R], Generic[R]):
     def close(self) -> None:
         """Stop the loop: chunks that have not started are cancelled."""
         self._generator.close()
+        self._collector.close()  # the generator's own cleanup never ran if it never started
 
 
 def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None]:
