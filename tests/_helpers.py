@@ -364,3 +364,9 @@ def kib_of_zeros(kib: int) -> bytes:
 
 def lookup(key: str, table: dict[str, Any]) -> Any:
     return table[key]
+
+
+def run_inner_and_count(inner: Any) -> int:
+    """Run a nested loop, then say how often this process has run its initializer."""
+    assert list(inner.map(range(2))) == [_initialized] * 2
+    return len(initializations)

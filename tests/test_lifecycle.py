@@ -11,7 +11,17 @@ import pytest
 
 import _helpers
 import autopar
-from _helpers import initialized, native_threads, os_threads, remember_and_count, sleep_then, square, whoami
+from _helpers import (
+    initialized,
+    native_threads,
+    os_threads,
+    remember,
+    remember_and_count,
+    run_inner_and_count,
+    sleep_then,
+    square,
+    whoami,
+)
 from autopar import parallel_loop
 from conftest import worker_children
 
@@ -134,3 +144,22 @@ def test_a_serial_initializer_may_run_a_loop_itself() -> None:
 
     assert list(parallel_loop(square, backend="serial", initializer=load).map([2])) == [4]
     assert runs == [[0, 1, 4]]
+
+
+def test_a_nested_loop_does_not_run_the_initializer_again(backend: dict[str, Any]) -> None:
+    """The nested loop runs serially inside an iteration, where the initializer already ran
+    (once per process or thread: a thread pool of 2 runs it twice in this process)."""
+    autopar.shutdown()
+    _helpers.initializations.clear()
+    inner = parallel_loop(initialized, initializer=remember_and_count, initargs=("nested",))
+    outer = parallel_loop(run_inner_and_count, initializer=remember_and_count, initargs=("nested",), **backend)
+    counts = list(outer.map([inner] * 3))
+    assert max(counts) <= (2 if backend["backend"] == "thread" else 1)
+
+
+def test_initializer_arguments_may_be_lists_and_dicts(backend: dict[str, Any]) -> None:
+    """Unhashable initargs key the warm pool by identity: the same objects, the same pool."""
+    config = {"model": "m.bin"}
+    calc = parallel_loop(initialized, initializer=remember, initargs=(config,), **backend)
+    assert list(calc.map(range(3))) == [config] * 3
+    assert list(calc.map(range(2))) == [config] * 2

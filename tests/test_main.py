@@ -83,6 +83,7 @@ def test_notebook_cell_functions_run_and_show_their_source(tmp_path: Path, start
 
 INITIALIZED_SCRIPT = """
     import sys
+    from functools import partial
     from autopar import parallel_loop
 
     MODEL = None
@@ -99,11 +100,17 @@ INITIALIZED_SCRIPT = """
     def predict(x):
         return helper(x)
 
+    class Predictor:  # a callable object, its initializer a partial
+        def __call__(self, x):
+            return MODEL(x)
+
     if __name__ == "__main__":
         SCALE = 2  # the parent's globals still travel with the function
         print("first", list(predict.map(range(4))))
         SCALE = 3  # and a later loop on the same warm workers sees the new value
         print("second", list(predict.map(range(2))))
+        other = parallel_loop(Predictor(), workers=2, start_method=sys.argv[1], initializer=partial(load_model, 7))
+        print("object", list(other.map(range(2))))
 """
 
 
@@ -114,3 +121,4 @@ def test_a_script_initializer_sets_globals_its_loop_function_reads(tmp_path: Pat
     out = run_script(INITIALIZED_SCRIPT, tmp_path, start_method).stdout
     assert "first [200, 202, 204, 206]" in out
     assert "second [300, 303]" in out
+    assert "object [7, 8]" in out

@@ -121,10 +121,10 @@ def acquire(options: Options) -> Backend:
         _initialize_here(options)
         return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
     if backend == "thread":
-        key: tuple[Any, ...] = ("thread", workers, options.initializer, options.initargs)
+        key: tuple[Any, ...] = ("thread", workers, *_initializer_key(options))
         threads = functools.partial(ThreadPoolExecutor, workers, "autopar", options.initializer, options.initargs)
         return Backend(_cached(key, threads), True, True, workers)
-    key = ("process", workers, options.start_method, options.initializer, options.initargs, _tasks_per_child(options))
+    key = ("process", workers, options.start_method, *_initializer_key(options), _tasks_per_child(options))
     executor = _cached(key, lambda: _make_process_pool(options, workers))
     return Backend(executor, False, True, workers, local=True, slots=_slots_of.get(id(executor)))
 
@@ -139,7 +139,7 @@ def _initialize_here(options: Options) -> None:
     keeps working when switched to ``backend="serial"`` to debug it)."""
     if options.initializer is None:
         return
-    key = (options.initializer, options.initargs)
+    key = _initializer_key(options)
     with _initialize_lock:
         if key in _initialized_here:
             return
@@ -150,6 +150,37 @@ def _initialize_here(options: Options) -> None:
             _initialized_here.discard(key)
             exc.add_note("raised by the initializer, which backend='serial' runs in this process")
             raise
+
+
+class _Same:
+    """Stands for an unhashable object in a cache key, by identity (and keeps it alive, so
+    that its id is not reused while the key exists)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+def _initializer_key(options: Options) -> tuple[Any, Any]:
+    """The initializer and its arguments as part of a cache key: pools run their initializer
+    once, so a pool serves only loops with the same one. A list or dict among the arguments
+    (unhashable) counts by identity, as the object the pool was started with."""
+
+    def hashable(obj: Any) -> Any:
+        try:
+            hash(obj)
+        except TypeError:
+            return _Same(obj)
+        return obj
+
+    return hashable(options.initializer), tuple(map(hashable, options.initargs))
 
 
 def _tasks_per_child(options: Options) -> int | None:

@@ -78,8 +78,8 @@ def resolve(options: Options) -> Options:
         if backend_env not in _BACKENDS:
             raise ValueError(f"AUTOPAR_BACKEND={backend_env!r} is not a backend; choose one of {', '.join(_BACKENDS)}")
         options = replace(options, backend=cast(BackendName, backend_env))
-    if in_worker():
-        options = replace(options, backend="serial")
+    if in_worker():  # a nested loop: serial, in a worker whose initializer already ran
+        options = replace(options, backend="serial", initializer=None, initargs=())
     if options.workers is None:
         capacity = _capacity(options.backend) if isinstance(options.backend, Executor) else None
         options = replace(options, workers=capacity or _default_workers())

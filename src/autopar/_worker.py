@@ -100,13 +100,25 @@ def _run_initializer(initializer: Callable[..., Any], initargs: tuple[Any, ...])
     initializer would stay invisible to a loop function that reads ``MODEL`` (its copy says
     ``None``), where with plain multiprocessing both share the module. See `_callable_here`.
     """
-    namespace = getattr(initializer, "__globals__", None)
-    before = dict(namespace) if isinstance(namespace, dict) else {}
+    namespace = _globals_of(initializer)
+    before = dict(namespace) if namespace is not None else {}
     initializer(*initargs)
-    if isinstance(namespace, dict):
+    if namespace is not None:
         assigned = [name for name, value in namespace.items() if name not in before or before[name] is not value]
         if assigned:
             _initialized_globals[namespace.get("__name__")] = (namespace, assigned)
+
+
+def _globals_of(callable_: Any) -> dict[str, Any] | None:
+    """The module globals a callable's code runs with: a function's (or a method's), a
+    partial's function's, a callable object's ``__call__``'s."""
+    while isinstance(callable_, functools.partial):
+        callable_ = callable_.func
+    namespace = getattr(callable_, "__globals__", None)
+    if namespace is None:
+        methods = (vars(cls).get("__call__") for cls in type(callable_).__mro__)  # a callable object
+        namespace = getattr(next((m for m in methods if m is not None), None), "__globals__", None)
+    return namespace if isinstance(namespace, dict) else None
 
 
 def _callable_here(loop_function: Any) -> Any:
@@ -114,8 +126,8 @@ def _callable_here(loop_function: Any) -> Any:
     given the globals its module's initializer assigned in this worker (when it travelled by
     value, with its own copy of the module's globals)."""
     function = getattr(loop_function, "_autopar_unwrapped", loop_function)
-    namespace = getattr(function, "__globals__", None)
-    if isinstance(namespace, dict):
+    namespace = _globals_of(function)
+    if namespace is not None:
         source, names = _initialized_globals.get(namespace.get("__name__"), (namespace, []))
         if source is not namespace:
             for name in names:
