@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,7 +23,8 @@ from _helpers import (
     square,
     whoami,
 )
-from autopar import parallel_loop
+from autopar import _backends, parallel_loop
+from autopar._backends import MAX_WARM_POOLS
 from conftest import worker_children
 
 
@@ -163,3 +165,24 @@ def test_initializer_arguments_may_be_lists_and_dicts(backend: dict[str, Any]) -
     calc = parallel_loop(initialized, initializer=remember, initargs=(config,), **backend)
     assert list(calc.map(range(3))) == [config] * 3
     assert list(calc.map(range(2))) == [config] * 2
+
+
+def test_warm_pools_are_bounded_and_the_least_recently_used_is_closed() -> None:
+    """A new partial initializer at every call makes a new pool each time: only the last
+    MAX_WARM_POOLS stay warm, and a pool in use keeps its place."""
+    autopar.shutdown()
+    tracked = parallel_loop(whoami, workers=1)
+    first = set(tracked.map(range(2)))
+
+    def new_pools(count: int) -> None:
+        for value in range(count):
+            calc = parallel_loop(initialized, backend="thread", workers=1, initializer=partial(remember, value))
+            assert list(calc.map([0])) == [value]
+
+    new_pools(MAX_WARM_POOLS - 1)
+    assert set(tracked.map(range(2))) == first, "used again: still warm"
+    new_pools(MAX_WARM_POOLS - 1)
+    assert set(tracked.map(range(2))) == first
+    new_pools(MAX_WARM_POOLS)
+    assert set(tracked.map(range(2))).isdisjoint(first), "the least recently used pool was closed"
+    assert len(_backends._pools) == MAX_WARM_POOLS

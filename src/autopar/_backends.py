@@ -29,6 +29,7 @@ from autopar._slots import Running, WorkerSlots
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker, thread_pool_controller
 
 __all__ = [
+    "MAX_WARM_POOLS",
     "Backend",
     "PostMortem",
     "SerialExecutor",
@@ -226,19 +227,35 @@ def _blas_threads(workers: int) -> int | None:
     return max(1, usable_cpu_count() // workers)
 
 
+MAX_WARM_POOLS = 8
+"""Pools kept warm at most; beyond it the least recently used one is closed (a loop that
+makes a new ``partial`` initializer at every call would otherwise start pools without end)."""
+
+
 def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
     global _atexit_registered, _pools_pid
     with _pools_lock:
         if _pools_pid != os.getpid():  # a forked child must not use its parent's pools
             _pools.clear()
             _pools_pid = os.getpid()
-        executor = _pools.get(key)
+        executor = _pools.pop(key, None)
         if executor is None:
-            executor = _pools[key] = make()
+            executor = make()
             if not _atexit_registered:
                 atexit.register(shutdown)
                 _atexit_registered = True
-        return executor
+        _pools[key] = executor  # last: the most recently used
+        evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
+    for old_executor in evicted:
+        # In the background: a loop may still run on it (it finishes; that loop's next chunk
+        # goes to a new pool, as after shutdown()).
+        threading.Thread(target=_retire, args=(old_executor,), daemon=True).start()
+    return executor
+
+
+def _retire(executor: Executor) -> None:
+    _close(executor)
+    forget_processes(executor)
 
 
 def discard(executor: Executor, *, kill: bool = False) -> None:
@@ -335,4 +352,8 @@ def shutdown() -> None:
     for executor in executors:
         _close(executor)
         forget_processes(executor)
+    with _closing_lock:  # and pools still closing in the background
+        closing = [done for _, done in _closing.values()]
+    for done in closing:
+        done.wait()
     _shared.shutdown()
