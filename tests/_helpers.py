@@ -242,13 +242,16 @@ def raise_fault(x: int, fault: str) -> int:
 
 def crash_in_call(x: int, how: str) -> int:
     """At x == 3: raise, exit, segfault, kill itself with SIGKILL, or hang (ignoring SIGTERM
-    when stubborn)."""
+    when stubborn). With hang_or_raise, x == 3 hangs and x == 4 raises a little later."""
     import signal
 
+    if x == 4 and how == "hang_or_raise":
+        time.sleep(0.2)
+        raise ValueError("fails while iteration 3 hangs")
     if x == 3:
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        elif how == "hang":
+        elif how in ("hang", "hang_or_raise"):
             time.sleep(60)
         elif how == "stubborn":  # ignores SIGTERM: only the SIGKILL that follows stops it
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

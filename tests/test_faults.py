@@ -167,6 +167,20 @@ def test_imap_stops_an_overdue_iteration_while_the_consumer_is_busy() -> None:
     assert "its worker (pid" in str(failure.exception)
 
 
+def test_a_hung_iteration_that_outlives_its_loop_is_still_stopped() -> None:
+    """on_error="raise" stops at the first failure while another iteration hangs: its worker
+    is stopped at the timeout all the same, not left hung under the next loop."""
+    calc = parallel_loop(crash_in_call, workers=2, chunksize=1, timeout=0.5)
+    with pytest.raises(ValueError):
+        calc.map([3, 4], how="hang_or_raise")
+    hung = {child.pid for child in worker_children()}
+    deadline = time.monotonic() + 10
+    while hung & {child.pid for child in worker_children()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not hung & {child.pid for child in worker_children()}, "the hung worker was left running"
+    assert list(parallel_loop(describe_arg, workers=2).map(range(4))) == [0, 1, 2, 3]
+
+
 def test_max_tasks_per_worker_replaces_workers() -> None:
     pids = parallel_loop(whoami, workers=1, max_tasks_per_worker=2).map(range(8))
     assert len(set(pids)) == 4

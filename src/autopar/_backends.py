@@ -82,6 +82,8 @@ class Backend:
         if process is None:
             return
         with _stopped_lock:  # every loop on this pool must know it was no crash
+            if id(self.executor) not in _processes_of:
+                return  # the pool is closed and forgotten already
             _stopped_of.setdefault(id(self.executor), set()).add(pid)
         process.terminate()
 
@@ -302,9 +304,9 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
 
 def forget_processes(executor: Executor) -> None:
     """Drop our references to a closed pool's processes and slots."""
-    _processes_of.pop(id(executor), None)
     _slots_of.pop(id(executor), None)
     with _stopped_lock:
+        _processes_of.pop(id(executor), None)
         _stopped_of.pop(id(executor), None)
 
 

@@ -318,20 +318,29 @@ class Dispatcher:
     def _watch_timeouts(self) -> threading.Event | None:
         """With a timeout on autopar's own pool, start a thread that stops overdue iterations,
         whether or not the consumer is waiting (``imap`` hands control back between results).
-        Returns the event that stops it; None when there is nothing to watch."""
+        Returns the event to set when the loop is over; None when there is nothing to watch.
+
+        An iteration may outlive its loop (on_error="raise" stops at the first failure, an
+        imap may be closed): the thread goes on until none of the loop's iterations runs, so
+        that a hung one does not hold its worker, or `shutdown`, forever."""
         timeout = self.options.timeout
         if timeout is None or self._backend is None or self._backend.slots is None:
             return None
-        stop = threading.Event()
+        loop_over = threading.Event()
+
+        def stop_overdue() -> float:
+            backend = self._backend  # a broken pool is replaced: watch the current one
+            return self._stop_overdue(backend) if backend is not None and backend.slots is not None else timeout
 
         def watch() -> None:
             wait = timeout
-            while not stop.wait(wait):
-                backend = self._backend  # a broken pool is replaced: watch the current one
-                wait = self._stop_overdue(backend) if backend is not None and backend.slots is not None else timeout
+            while not loop_over.wait(wait):
+                wait = stop_overdue()
+            while any(not future.done() for future in list(self._in_flight)):
+                time.sleep(stop_overdue())  # until the next deadline, not a polling interval
 
         threading.Thread(target=watch, name=f"autopar timeouts of {self.loop.name}", daemon=True).start()
-        return stop
+        return loop_over
 
     def _stop_overdue(self, backend: Backend) -> float:
         """Kill the workers running one of our iterations past the timeout; return how long
