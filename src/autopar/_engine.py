@@ -387,18 +387,18 @@ class Dispatcher:
         except Exception as exc:
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
         self._fruitless_breaks = 0
+        received = 0
         if self.in_process:
-            self._sizer.record(len(chunk), result.seconds)
             values, failed = result.values, result.errors
         else:
             blobs = result.values
             received = len(blobs) if isinstance(blobs, bytes) else sum(map(len, blobs))
             self.bytes_received += received
-            # Big results bound the chunk too: the worker, the pipe and an imap buffer hold them.
-            self._sizer.record(len(chunk), result.seconds, entry.nbytes + received)
             values, failed = decode_values(result.values, chunk)
             for position, wire in result.errors.items():
                 failed[position] = decode_error(chunk[position][0], wire)
+        # Big results bound the chunk too: the worker, the pipe and an imap buffer hold them.
+        self._sizer.record(len(chunk), result.seconds, entry.nbytes + received)
         return self._settle(chunk, values, failed, result.seconds)
 
     def _chunk_failed(self, chunk: Calls, exc: BaseException, tb_text: str) -> Batch:
