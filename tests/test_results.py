@@ -34,6 +34,14 @@ def test_unzip_fills_failed_slots() -> None:
     assert make([None], failed=(0,)).unzip(3) == ([None], [None], [None])
 
 
+def test_unzip_of_nothing_but_failures_asks_for_the_output_count() -> None:
+    res = make([None, None], failed=(0, 1))
+    with pytest.raises(ValueError, match=r"none of the 2 iterations returned a value .* unzip\(3\)"):
+        res.unzip()
+    assert res.unzip(2, fill=-1) == ([-1, -1], [-1, -1])
+    assert make([]).unzip() == () and make([]).unzip(2) == ([], [])
+
+
 def test_unzip_errors_name_the_iteration() -> None:
     with pytest.raises(TypeError, match=r"iteration 1 returned 7 \(int\), not a tuple, list or mapping"):
         make([(1, 2), 7]).unzip()

@@ -172,6 +172,13 @@ class LoopResult(Sequence[R], Generic[R]):
         present = [(i, v) for i, v in enumerate(self._values) if i not in failed]
         if present and isinstance(present[0][1], Mapping):
             return self._unzip_mappings(present, n, fill)
+        if n is None and not present and self._values:
+            # () would unpack as "not enough values", far from the cause.
+            raise ValueError(
+                f"unzip(): none of the {len(self._values)} iterations returned a value "
+                f"({len(failed)} failed or missing), so the number of outputs is unknown; "
+                "name it, as in unzip(3), to get lists of fill values"
+            )
         width = n
         for index, value in present:
             if not isinstance(value, tuple | list):
