@@ -373,3 +373,18 @@ def run_inner_and_count(inner: Any) -> int:
     """Run a nested loop, then say how often this process has run its initializer."""
     assert list(inner.map(range(2))) == [_initialized] * 2
     return len(initializations)
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+class Abort(BaseException):
+    """A BaseException of the user's own, like asyncio.CancelledError."""
+
+
+def raise_base(x: int, exc_type: type[BaseException] = Abort) -> int:
+    if x == 3:
+        raise exc_type("stop")
+    return x

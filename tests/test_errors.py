@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,13 @@ import pytest
 
 import autopar
 from _helpers import (
+    Abort,
     NeedsTwoArgs,
+    UnprintableError,
     RefusesPickling,
     fail_on,
     raise_needs_two,
+    raise_base,
     raise_refuses_pickling,
     raise_unpicklable,
     return_breaks_on_load,
@@ -230,6 +234,45 @@ def test_sys_exit_in_an_iteration_fails_only_that_iteration(backend: dict[str, A
 
     res = parallel_loop(leave, on_error="collect", **backend).map(range(3))
     assert res[0] == 0 and res[2] == 2 and isinstance(res.failures[0].exception, SystemExit)
+
+
+def test_an_exception_that_cannot_be_printed_fails_only_its_iteration(backend: dict[str, Any]) -> None:
+    res = parallel_loop(fail_on, on_error="collect", chunksize=8, **backend).map(
+        range(8), bad=(4,), exc_type=UnprintableError
+    )
+    assert [f.index for f in res.failures] == [4] and res[5] == 50
+    assert isinstance(res.failures[0].exception, UnprintableError)
+
+
+@pytest.mark.parametrize("exc_type", [Abort, asyncio.CancelledError, KeyboardInterrupt])
+def test_base_exceptions_an_iteration_raises_are_its_failure(backend: dict[str, Any], exc_type: type) -> None:
+    """Not only Exception: what an iteration raises is that iteration's failure (a
+    KeyboardInterrupt too, raised by the iteration's code, not by Ctrl-C)."""
+    if exc_type is KeyboardInterrupt and backend["backend"] == "serial":
+        pytest.skip("in-process serial loops take KeyboardInterrupt as Ctrl-C: it must stop the loop")
+    calc = parallel_loop(raise_base, chunksize=8, **backend)
+    res = calc.options(on_error="collect").map(range(6), exc_type=exc_type)
+    assert list(res) == [0, 1, 2, None, 4, 5] and isinstance(res.failures[0].exception, exc_type)
+    with pytest.raises(BaseExceptionGroup) as group:
+        res.raise_failures()
+    assert isinstance(group.value.exceptions[0], exc_type)
+    with pytest.raises(exc_type) as info:
+        calc.map(range(6), exc_type=exc_type)
+    assert info.value.__notes__[0].startswith("iteration 3: raise_base(3")
+    assert isinstance(info.value.partial_result, LoopResult)  # type: ignore[attr-defined]
+
+
+def test_ctrl_c_in_a_serial_loop_stops_it() -> None:
+    def interrupted(x: int) -> int:
+        if x == 2:
+            raise KeyboardInterrupt
+        return x
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        for value in parallel_loop(interrupted, backend="serial", on_error="collect").imap(range(5)):
+            ran.append(value)
+    assert ran == [0, 1]
 
 
 def test_exceptions_round_trip_through_pickle() -> None:

@@ -79,8 +79,17 @@ def digest(data: bytes) -> str:
 
 def describe(exc: BaseException) -> str:
     """``"TypeError: cannot pickle '_thread.lock' object"``."""
-    text = str(exc)
+    text = _text_of(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, or what `traceback` prints when the exception's ``__str__`` fails: one
+    broken exception must not take its chunk's other iterations down with it."""
+    try:
+        return str(exc)
+    except Exception:  # __str__ raised, or returned something else than a str
+        return "<exception str() failed>"
 
 
 def stage_error(what: str, exc: BaseException) -> SerializationError:
@@ -203,7 +212,7 @@ def encode_error(exc: BaseException, tb_text: str) -> WireError:
             payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc))))
         except Exception:
             payload = None
-    return WireError(payload, _type_name(type(exc)), str(exc), tb_text)
+    return WireError(payload, _type_name(type(exc)), _text_of(exc), tb_text)
 
 
 class _ExceptionParts:

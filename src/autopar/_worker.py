@@ -253,7 +253,12 @@ def _run(
                 view[at] = position
             try:
                 values.append(target(args) if single else target(*args))
-            except (Exception, SystemExit) as exc:
+            except KeyboardInterrupt as exc:
+                if not _is_worker_process and threading.current_thread() is threading.main_thread():
+                    raise  # Ctrl-C in a serial loop stops it; elsewhere the iteration raised it
+                values.append(None)
+                errors[position] = (exc, format_worker_traceback(exc))
+            except BaseException as exc:  # SystemExit, asyncio.CancelledError...: still one iteration's
                 values.append(None)
                 errors[position] = (exc, format_worker_traceback(exc))
             if timeout is not None:
