@@ -111,6 +111,25 @@ def test_no_segment_outlives_shutdown() -> None:
     assert segments() - before == set()
 
 
+def test_a_forked_child_leaves_the_parents_kept_segments_alone() -> None:
+    np = pytest.importorskip("numpy")
+    calc = parallel_loop(broadcast_sum, workers=2)
+    table = np.ones(100_000)
+    calc.map(range(3), table=table)  # its segment is released, and kept for reuse
+    kept = segments()
+    assert kept
+    child = os.fork()
+    if child == 0:  # what a forked child's exit runs, and a loop of its own
+        try:
+            autopar.shutdown()
+            ok = list(calc.options(backend="serial").map(range(2), table=table)) == [1.0, 1.0]
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert segments() >= kept, "the child removed the parent's segments"
+    assert list(calc.map(range(3), table=table)) == [1.0, 1.0, 1.0]
+
+
 def test_a_failed_loop_leaves_no_segment() -> None:
     np = pytest.importorskip("numpy")
     before = segments()

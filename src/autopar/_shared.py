@@ -44,6 +44,7 @@ KEEP_BYTES = 1 << 30
 _ALIGN = 64
 _DEV_SHM = "/dev/shm"
 _free: list[SharedMemory] = []
+_free_pid = os.getpid()
 _free_lock = threading.Lock()
 _uses = itertools.count()
 _names = itertools.count()
@@ -96,7 +97,7 @@ def _room_for(size: int) -> bool:
 def _take(size: int) -> SharedMemory:
     """A segment of at least ``size`` bytes: a kept one not much larger, or a new one."""
     with _free_lock:
-        for position, segment in enumerate(_free):
+        for position, segment in enumerate(_free_here()):
             if size <= segment.size <= 2 * size:
                 return _free.pop(position)
     while True:
@@ -159,7 +160,7 @@ def release(segment: SharedMemory | None, *, reuse: bool = True) -> None:
     global _atexit_registered
     if reuse:
         with _free_lock:
-            if sum(kept.size for kept in _free) + segment.size <= _keep_limit():
+            if sum(kept.size for kept in _free_here()) + segment.size <= _keep_limit():
                 _free.append(segment)
                 if not _atexit_registered:
                     atexit.register(shutdown)
@@ -184,9 +185,21 @@ def _remove(segment: SharedMemory) -> None:
         segment.unlink()
 
 
+def _free_here() -> list[SharedMemory]:
+    """The kept segments, under ``_free_lock``; none in a forked child. The parent's kept
+    segments are the parent's: a child that filled one would overwrite what the parent may be
+    sending, and one that removed them at its exit would break the parent's next loop."""
+    global _free_pid
+    if _free_pid != os.getpid():
+        _free.clear()  # dropped, not removed
+        _free_pid = os.getpid()
+    return _free
+
+
 def shutdown() -> None:
     """Remove every kept segment."""
     with _free_lock:
-        kept, _free[:] = list(_free), []
+        kept = list(_free_here())
+        _free.clear()
     for segment in kept:
         _remove(segment)
