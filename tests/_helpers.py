@@ -388,3 +388,13 @@ def raise_base(x: int, exc_type: type[BaseException] = Abort) -> int:
     if x == 3:
         raise exc_type("stop")
     return x
+
+
+def crash_beside_a_bystander(x: int) -> int:
+    """x == 1 kills its worker at 0.3 s, while x == 2 runs on the other worker until 0.5 s."""
+    if x == 1:
+        time.sleep(0.3)
+        os._exit(3)
+    if x == 2:
+        time.sleep(0.5)
+    return x

@@ -14,11 +14,11 @@ import autopar
 from _helpers import (
     Abort,
     NeedsTwoArgs,
-    UnprintableError,
     RefusesPickling,
+    UnprintableError,
     fail_on,
-    raise_needs_two,
     raise_base,
+    raise_needs_two,
     raise_refuses_pickling,
     raise_unpicklable,
     return_breaks_on_load,

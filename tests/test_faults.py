@@ -28,6 +28,7 @@ from _helpers import (
     FailsToPickle,
     FailsToUnpickle,
     SlowToUnpickle,
+    crash_beside_a_bystander,
     crash_in_call,
     crash_once,
     describe_arg,
@@ -362,6 +363,59 @@ def test_timeout_also_covers_unpickling_the_arguments() -> None:
     assert [f.index for f in res.failures] == [2]
     assert isinstance(res.failures[0].exception, IterationTimeout)
     assert [res[i] for i in (0, 1, 3)] == [0, 1, 3]
+
+
+def test_timeout_does_not_count_importing_the_functions_module() -> None:
+    """A fresh spawned worker imports the function's module as it unpickles it: setup, not
+    the iteration (a 1.5 s import once failed every iteration of a timeout=1 loop, forever)."""
+    from _slow_import import add_one
+
+    calc = parallel_loop(add_one, workers=2, timeout=1.0, start_method="spawn", on_error="collect")
+    res = calc.map(range(4))
+    assert res.failures == [] and list(res) == [1, 2, 3, 4]
+
+
+def test_a_crash_under_a_timeout_blames_only_the_crash() -> None:
+    """The pool breaks while another iteration runs and the consumer is busy: the slots of
+    the dead workers must not look overdue, so the bystander runs again instead of failing
+    as a timeout, and the crash is reported as such."""
+    calc = parallel_loop(crash_beside_a_bystander, workers=2, chunksize=1, timeout=1.0, on_error="collect")
+    results = calc.imap([0, 1, 2, 3])
+    assert next(results) == 0
+    time.sleep(2.5)  # the consumer is busy well past the bystander's start + timeout
+    assert list(results) == [None, 2, 3]
+    [failure] = results.failures
+    assert failure.index == 1 and isinstance(failure.exception, WorkerCrashed)
+
+
+def test_shutdown_while_an_iteration_hangs_stops_it_once() -> None:
+    """shutdown() in another thread waits for the pool while the hung iteration holds it;
+    the timeout stops it; that loop must still learn it was a timeout (it used to read the
+    pool's exit codes after shutdown() forgot them, and ran the iteration again)."""
+    calc = parallel_loop(sleep_then, workers=1, chunksize=1, timeout=1.0, on_error="collect")
+    calc.map([0.0])
+    threading.Timer(0.3, autopar.shutdown).start()
+    started = time.monotonic()
+    res = calc.map([30.0, 0.0])
+    assert time.monotonic() - started < 1.9
+    [failure] = res.failures
+    assert failure.index == 0 and failure.attempts == 1 and isinstance(failure.exception, IterationTimeout)
+
+
+def test_a_crash_is_handled_while_another_pool_is_still_closing() -> None:
+    """One pool's post-mortem does not wait for another pool's close (shutdown() waiting on
+    a long iteration in another thread)."""
+    slow = parallel_loop(sleep_then, workers=2, chunksize=1, on_error="collect")
+    thread = threading.Thread(target=slow.map, args=([6.0] + [0.2] * 7,))
+    thread.start()
+    time.sleep(0.5)
+    threading.Thread(target=autopar.shutdown).start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    res = parallel_loop(crash_beside_a_bystander, workers=1, chunksize=1, on_error="collect").map(range(4))
+    assert time.monotonic() - started < 4
+    assert [f.index for f in res.failures] == [1]
+    thread.join(60)
 
 
 def test_raise_skips_chunks_already_queued_in_the_executor(tmp_path: Path) -> None:

@@ -76,14 +76,16 @@ class Backend:
     """What each worker runs (autopar's process pools only): lets a crash or timeout be blamed
     on one iteration, and a worker be killed."""
 
-    def kill_worker(self, pid: int, grace: float) -> None:
-        """Stop one worker: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds."""
+    def kill_worker(self, pid: int, grace: float) -> bool:
+        """Stop one worker: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds.
+        False when there was nothing to stop: the worker is gone (its slot may still say it
+        runs), or the pool is broken and its workers are being stopped anyway."""
         process = _processes_of.get(id(self.executor), {}).get(pid)
-        if process is None:
-            return
+        if process is None or process.exitcode is not None or getattr(self.executor, "_broken", False):
+            return False
         with _stopped_lock:  # every loop on this pool must know it was no crash
             if id(self.executor) not in _processes_of:
-                return  # the pool is closed and forgotten already
+                return False  # the pool is closed and forgotten already
             _stopped_of.setdefault(id(self.executor), set()).add(pid)
         process.terminate()
 
@@ -94,11 +96,7 @@ class Backend:
         timer = threading.Timer(grace, kill_if_still_there)
         timer.daemon = True
         timer.start()
-
-    def exit_codes(self) -> dict[int, int | None]:
-        """Each worker's exit code by pid, once the pool has broken and been shut down."""
-        processes = _processes_of.get(id(self.executor), {})
-        return {pid: process.exitcode for pid, process in processes.items()}
+        return True
 
 
 _pools: dict[tuple[Any, ...], Executor] = {}
@@ -319,8 +317,16 @@ class PostMortem(NamedTuple):
     stopped: frozenset[int] = frozenset()
 
 
-_post_mortems: OrderedDict[int, tuple[Executor, PostMortem]] = OrderedDict()
-_post_mortem_lock = threading.Lock()
+class _Report:
+    """One pool's post-mortem, made by the first loop that asks, awaited by the others."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value = PostMortem({}, {})
+
+
+_post_mortems: OrderedDict[int, tuple[Executor, _Report]] = OrderedDict()
+_post_mortems_lock = threading.Lock()
 
 
 def post_mortem(backend: Backend) -> PostMortem:
@@ -328,20 +334,33 @@ def post_mortem(backend: Backend) -> PostMortem:
     ended. Every loop that had chunks on it gets the same answer: each blames the culprits
     among its own chunks and sends the rest again."""
     executor = backend.executor
-    with _post_mortem_lock:
+    with _post_mortems_lock:
         known = _post_mortems.get(id(executor))
         if known is not None and known[0] is executor:
-            return known[1]
+            first, report = False, known[1]
+        else:
+            first, report = True, _Report()
+            _post_mortems[id(executor)] = (executor, report)
+            while len(_post_mortems) > 8:
+                _post_mortems.popitem(last=False)
+    if not first:
+        report.done.wait()
+        return report.value
+    try:
         running = backend.slots.snapshot() if backend.slots is not None else {}
-        discard(executor)  # the workers left are stopped and reaped
+        # Hold on to the process table and the stopped set: a shutdown() closing this pool
+        # in another thread forgets them as soon as it is done, maybe before we look.
+        processes = _processes_of.get(id(executor), {})
         with _stopped_lock:
-            stopped = frozenset(_stopped_of.get(id(executor), ()))
-        report = PostMortem(running, backend.exit_codes(), stopped)
+            stopped = _stopped_of.setdefault(id(executor), set())
+        discard(executor)  # the workers left are stopped and reaped (outside any global lock)
+        exit_codes = {pid: process.exitcode for pid, process in processes.items()}
+        with _stopped_lock:
+            report.value = PostMortem(running, exit_codes, frozenset(stopped))
         forget_processes(executor)
-        _post_mortems[id(executor)] = (executor, report)
-        while len(_post_mortems) > 8:
-            _post_mortems.popitem(last=False)
-        return report
+    finally:
+        report.done.set()
+    return report.value
 
 
 def shutdown() -> None:

@@ -57,7 +57,7 @@ from autopar._options import Options
 from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
 from autopar._shared import pack, release
-from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
+from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, UNTIMED, Running
 from autopar._worker import run_calls, run_chunk
 
 __all__ = ["Dispatcher", "Loop"]
@@ -126,7 +126,9 @@ class Dispatcher:
         self._attempts: dict[int, int] = {}
         self._suspicions: dict[int, int] = {}
         self._fruitless_breaks = 0
-        self._overdue: dict[int, Running] = {}  # pid -> what it was running when we killed it
+        # What each worker we stopped past the timeout was running, by (pool, pid): a pid
+        # alone could name a new worker after the pool is replaced.
+        self._overdue: dict[tuple[int, int], Running] = {}
         self._in_flight: dict[Future[Any], _InFlight] = {}
         self._loop_id = uuid.uuid4().hex
         self._loop_token = next(_loop_tokens)
@@ -353,15 +355,15 @@ class Dispatcher:
         ours = {entry.chunk_id for entry in entries if entry.backend is backend}
         now = time.monotonic_ns()
         wait_ns = timeout_ns
+        pool = id(backend.executor)
         for pid, running in backend.slots.snapshot().items():
-            if running.chunk_id not in ours or pid in self._overdue:
+            if running.chunk_id not in ours or running.started_ns == UNTIMED or (pool, pid) in self._overdue:
                 continue
             left = running.started_ns + timeout_ns - now
-            if left <= 0:
-                self._overdue[pid] = running
-                backend.kill_worker(pid, _KILL_GRACE)
-            else:
+            if left > 0:
                 wait_ns = min(wait_ns, left)
+            elif backend.kill_worker(pid, _KILL_GRACE):  # not a dead worker's stale slot
+                self._overdue[pool, pid] = running
         return max(wait_ns / 1e9, 0.001)
 
     # --- collecting ---
@@ -451,9 +453,11 @@ class Dispatcher:
             self._backend = None
         for entry in lost:
             release(entry.segment)
+        pool = id(backend.executor)  # forget every worker of this pool we stopped
+        overdue = {pid: self._overdue.pop((at, pid)) for at, pid in list(self._overdue) if at == pool}
         blamed: dict[int, dict[int, Failed]] = {}
         for pid, exit_code in exit_codes.items():
-            where = self._overdue.pop(pid, None)
+            where = overdue.get(pid) if pid in stopped else None
             if where is not None:
                 error: BaseException = IterationTimeout(
                     f"the iteration ran longer than timeout={self.options.timeout:g} s; "

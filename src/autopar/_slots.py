@@ -14,7 +14,7 @@ import time
 from multiprocessing.context import BaseContext
 from typing import Any, NamedTuple
 
-__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "Running", "WorkerSlots", "process_exists"]
+__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "UNTIMED", "Running", "WorkerSlots", "process_exists"]
 
 IDLE = -1
 """Chunk id of a worker between chunks (chunk ids count up from 0)."""
@@ -23,6 +23,9 @@ LOADING_ARGUMENTS = -1
 this is another field than the chunk id, so sharing the value -1 with `IDLE` is harmless)."""
 SENDING_RESULTS = -2
 """Position of a worker that is pickling its chunk's results and exceptions."""
+
+UNTIMED = 0
+"""Start time of a stage no timeout applies to."""
 
 _FIELDS = 4  # pid, chunk id, position, started (monotonic ns, the same clock in every process)
 _CANCELLED = 16  # a ring of the last loops stopped early: their queued chunks are skipped
@@ -70,12 +73,13 @@ class WorkerSlots:
             view[base + 1] = IDLE
         self._view, self._base = view, base
 
-    def running(self, chunk_id: int, position: int) -> None:
-        """Record that this worker now runs ``position`` of chunk ``chunk_id``."""
+    def running(self, chunk_id: int, position: int, *, timed: bool = True) -> None:
+        """Record that this worker now runs ``position`` of chunk ``chunk_id``; ``timed=False``
+        leaves it off the timeout's clock (a fresh worker importing the function's module)."""
         view = self._view
         if view is not None:
             base = self._base
-            view[base + 3] = time.monotonic_ns()
+            view[base + 3] = time.monotonic_ns() if timed else UNTIMED
             view[base + 2] = position
             view[base + 1] = chunk_id
 

@@ -197,10 +197,14 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     if slots is not None:
         if slots.cancelled(chunk.loop_token):  # the loop stopped while this chunk was queued
             return ChunkResult([], {}, 0.0)
-        slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
+        # Loading the function may import its module in a fresh worker: setup, like the
+        # initializer, not the iteration the timeout is for. The arguments count.
+        slots.running(chunk.chunk_id, LOADING_ARGUMENTS, timed=False)
     try:
         function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
         broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+        if slots is not None:
+            slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
         try:
             calls: Calls = unpack(chunk.calls)
         except Exception as exc:
