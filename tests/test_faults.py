@@ -306,9 +306,10 @@ def test_a_crash_in_one_loop_costs_nothing_in_another_sharing_the_pool() -> None
     assert list(out["b"]) == [0.2] * 6
 
 
-def test_shutdown_during_a_loop_in_another_thread_loses_nothing() -> None:
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_shutdown_during_a_loop_in_another_thread_loses_nothing(backend: str) -> None:
     """autopar.shutdown() from another thread: the running loop moves to a new pool."""
-    calc = parallel_loop(sleep_then, workers=2)
+    calc = parallel_loop(sleep_then, workers=2, backend=backend, chunksize=1)
     calc.map([0.0])
     out: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: out.update(res=calc.map([0.2] * 8)))

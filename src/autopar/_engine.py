@@ -228,61 +228,71 @@ class Dispatcher:
         arguments could not be pickled (they fail here, alone)."""
         backend = self._backend_or_acquire()
         chunk_id = next(_chunk_ids)
+        refused, segment, nbytes = None, None, 0
         if backend.in_process:
             loop = self.loop
-            future = backend.executor.submit(run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
-            return future, _InFlight(chunk_id, chunk, backend, None), None
-        # The function and keyword arguments first: if they cannot be pickled, no chunk ever
-        # can, and no segment of this chunk is left behind.
-        function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
-        refused = None
-        try:
-            payload, segment = pack(chunk, shared=backend.local)
-        except Exception:
-            good, failed = split_unpicklable(chunk)
-            calls = dict(chunk)
-            refused = self._settle(
-                Calls.of((f.index, calls[f.index]) for f in failed), None, dict(enumerate(failed)), 0.0
+            call: tuple[Any, ...] = (run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
+        else:
+            # The function and keyword arguments first: if they cannot be pickled, no chunk
+            # ever can, and no segment of this chunk is left behind.
+            function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+            try:
+                payload, segment = pack(chunk, shared=backend.local)
+            except Exception:
+                good, failed = split_unpicklable(chunk)
+                calls = dict(chunk)
+                refused = self._settle(
+                    Calls.of((f.index, calls[f.index]) for f in failed), None, dict(enumerate(failed)), 0.0
+                )
+                chunk = Calls.of(good)
+                if not chunk:
+                    return None, None, refused
+                payload, segment = pack(chunk, shared=backend.local)
+            nbytes = _size(payload)
+            self.bytes_sent += nbytes + len(function.data) + len(broadcast.data)
+            task = Chunk(
+                self._loop_id,
+                chunk_id,
+                function_key,
+                function,
+                broadcast_key,
+                broadcast,
+                payload,
+                self.options.timeout,
+                self._loop_token,
             )
-            chunk = Calls.of(good)
-            if not chunk:
-                return None, None, refused
-            payload, segment = pack(chunk, shared=backend.local)
-        self.bytes_sent += _size(payload) + len(function.data) + len(broadcast.data)
-        task = Chunk(
-            self._loop_id,
-            chunk_id,
-            function_key,
-            function,
-            broadcast_key,
-            broadcast,
-            payload,
-            self.options.timeout,
-            self._loop_token,
-        )
+            call = (run_chunk, task)
         try:
-            for attempt in itertools.count(1):
-                try:
-                    future = backend.executor.submit(run_chunk, task)
-                    break
-                except BrokenExecutor as exc:
-                    if not backend.owned:  # a user's executor: its calls fail, the loop goes on
-                        release(segment)
-                        error = WorkerCrashed(f"the executor cannot run this iteration: {exc}")
-                        return None, None, _merge(refused, self._chunk_failed(chunk, error, ""))
-                    if attempt == 3:
-                        raise
-                    self._replace_pool(backend)
-                except RuntimeError:
-                    # Our pool was shut down by autopar.shutdown() in another thread.
-                    if not backend.owned or attempt == 3:
-                        raise
-                    self._replace_pool(backend)
-                backend = self._backend_or_acquire()
+            sent = self._send(backend, call)
         except BaseException:
             release(segment)
             raise
-        return future, _InFlight(chunk_id, chunk, backend, segment, _size(payload)), refused
+        if isinstance(sent, BrokenExecutor):  # a user's executor: its calls fail, the loop goes on
+            release(segment)
+            error = WorkerCrashed(f"the executor cannot run this iteration: {sent}")
+            return None, None, _merge(refused, self._chunk_failed(chunk, error, ""))
+        future, backend = sent
+        return future, _InFlight(chunk_id, chunk, backend, segment, nbytes), refused
+
+    def _send(self, backend: Backend, call: tuple[Any, ...]) -> tuple[Future[Any], Backend] | BrokenExecutor:
+        """``backend.executor.submit(*call)``. Our own pool, broken by a crash or shut down by
+        autopar.shutdown() in another thread, is replaced and the call sent to the new one;
+        a user's broken executor is returned as the error its calls fail with."""
+        replacements = 2
+        while True:
+            try:
+                return backend.executor.submit(*call), backend
+            except BrokenExecutor as exc:
+                if not backend.owned:
+                    return exc
+                if not replacements:
+                    raise
+            except RuntimeError:  # "cannot schedule new futures after shutdown"
+                if not backend.owned or not replacements:
+                    raise
+            replacements -= 1
+            self._replace_pool(backend)
+            backend = self._backend_or_acquire()
 
     def _replace_pool(self, backend: Backend) -> None:
         """Our pool broke (a crash in this or another loop sharing it) or was shut down:
