@@ -258,6 +258,62 @@ def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) ->
     assert [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []
 
 
+ABANDONED_ENDINGS = {
+    "raise": "slow.map([0, 1])",  # iteration 0 fails at once while 1 runs
+    "ctrl_c_in_consumer": "for value in slow.imap([-1, 1]):\n    raise KeyboardInterrupt",  # with 1 running
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ABANDONED_ENDINGS))
+def test_exit_does_not_wait_for_an_abandoned_iteration(tmp_path: Path, start_method: str, ending: str) -> None:
+    """A loop that ended early leaves an iteration running: the program's exit stops it
+    instead of waiting for it (concurrent.futures alone waits a minute here)."""
+    script = tmp_path / "abandon.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from autopar import parallel_loop
+
+            @parallel_loop(workers=2, chunksize=1, start_method={start_method!r})
+            def slow(x):
+                if x == 0:
+                    raise ValueError("fails at once")
+                time.sleep(max(60 * x, 0))
+
+            if __name__ == "__main__":
+                time.sleep(0.2)  # the pool is started; the second iteration is running
+            """
+        )
+        + textwrap.indent(ABANDONED_ENDINGS[ending], "    ")
+        + "\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=50)
+    assert time.monotonic() - started < 15
+    assert (b"KeyboardInterrupt" if ending == "ctrl_c_in_consumer" else b"ValueError: fails at once") in proc.stderr
+
+
+def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C that lands in the collector, not in the engine, still kills the workers."""
+    from autopar import _collect
+
+    add = _collect._Collector.add
+
+    def interrupted(self: Any, batch: Any) -> Any:
+        add(self, batch)
+        raise KeyboardInterrupt
+
+    calc = parallel_loop(sleep_then, workers=2, chunksize=1)
+    calc.map([0.0])
+    workers = {child.pid for child in worker_children()}
+    monkeypatch.setattr(_collect._Collector, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calc.map([0.0, 60.0])
+    assert not workers & {child.pid for child in worker_children()}, "a worker kept running"
+
+
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: str) -> None:
     script = tmp_path / "killed.py"
     script.write_text(

@@ -14,7 +14,7 @@ import functools
 import multiprocessing
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker, thread_poo
 
 __all__ = [
     "MAX_WARM_POOLS",
+    "abandon",
     "Backend",
     "PostMortem",
     "SerialExecutor",
@@ -232,8 +233,39 @@ MAX_WARM_POOLS = 8
 makes a new ``partial`` initializer at every call would otherwise start pools without end)."""
 
 
+_hook_pid = os.getpid()
+_abandoned: dict[int, deque[int]] = {}
+"""By pool: chunks of loops that ended while those chunks ran (the most recent ones)."""
+
+
+def abandon(backend: Backend, chunk_ids: list[int]) -> None:
+    """A loop ended early (a failure raised, an imap closed or dropped, Ctrl-C in the code
+    that consumed it) while these chunks of its may still run: nobody wants their results."""
+    with _stopped_lock:
+        _abandoned.setdefault(id(backend.executor), deque(maxlen=1024)).extend(chunk_ids)
+
+
+def _stop_abandoned() -> None:
+    """At interpreter exit, before `concurrent.futures` waits for the workers: stop those
+    still running an abandoned chunk, or the exit would wait for it to end (an iteration a
+    raised failure or Ctrl-C left behind can take minutes). Live loops of other threads go on."""
+    if os.getpid() != _hook_pid:
+        return  # a forked child's exit: the pools are its parent's
+    with _stopped_lock:
+        abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items()}
+        processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
+    for pool, chunks in abandoned.items():
+        slots = _slots_of.get(pool)
+        if slots is None:
+            continue
+        for pid, running in slots.snapshot().items():
+            process = processes[pool].get(pid)
+            if running.chunk_id in chunks and process is not None and process.exitcode is None:
+                process.kill()
+
+
 def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
-    global _atexit_registered, _pools_pid
+    global _atexit_registered, _pools_pid, _hook_pid
     with _pools_lock:
         if _pools_pid != os.getpid():  # a forked child must not use its parent's pools
             _pools.clear()
@@ -243,7 +275,10 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
             executor = make()
             if not _atexit_registered:
                 atexit.register(shutdown)
-                _atexit_registered = True
+                # Runs before concurrent.futures' own hook (registered earlier, run later),
+                # which waits for running work items. A private API, which that module uses.
+                getattr(threading, "_register_atexit", lambda hook: None)(_stop_abandoned)
+                _atexit_registered, _hook_pid = True, os.getpid()
         _pools[key] = executor  # last: the most recently used
         evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
     for old_executor in evicted:
@@ -306,6 +341,7 @@ def forget_processes(executor: Executor) -> None:
     with _stopped_lock:
         _processes_of.pop(id(executor), None)
         _stopped_of.pop(id(executor), None)
+        _abandoned.pop(id(executor), None)
 
 
 class PostMortem(NamedTuple):

@@ -142,6 +142,9 @@ def run_map(loop: Loop) -> LoopResult[Any]:
             if failed and loop.options.on_error == "raise":
                 batches.close()
                 collector.raise_first(min(failed, key=lambda failure: failure.index))
+    except KeyboardInterrupt:  # Ctrl-C here, between batches, closes the engine without it
+        collector.dispatcher.interrupt()
+        raise
     finally:
         batches.close()
         collector.close()
@@ -199,6 +202,9 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None
                     yield value  # the caller has it now: memory stays flat
                     next_index += 1
                     dispatcher.delivered = next_index
+    except KeyboardInterrupt:
+        dispatcher.interrupt()
+        raise
     finally:
         batches.close()
         collector.close()

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
-from autopar._backends import Backend, acquire, discard, forget_processes, post_mortem
+from autopar._backends import Backend, abandon, acquire, discard, forget_processes, post_mortem
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options
@@ -174,9 +174,7 @@ class Dispatcher:
                     release(entry.segment)
                     yield self._collect(future, entry)
         except KeyboardInterrupt:
-            if self._backend is not None and self._backend.owned:
-                discard(self._backend.executor, kill=True)
-                forget_processes(self._backend.executor)
+            self.interrupt()
             raise
         finally:
             if watching is not None:
@@ -185,11 +183,18 @@ class Dispatcher:
             for backend in {id(entry.backend): entry.backend for entry in in_flight.values()}.values():
                 if backend.slots is not None:
                     backend.slots.cancel(self._loop_token)
+                    abandon(backend, [entry.chunk_id for entry in in_flight.values() if entry.backend is backend])
             for future, entry in in_flight.items():
                 future.cancel()
                 release(entry.segment, reuse=False)
             for segment in self._loop_segments:
                 release(segment, reuse=not in_flight)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
+        if self._backend is not None and self._backend.owned:
+            discard(self._backend.executor, kill=True)
+            forget_processes(self._backend.executor)
 
     # --- sending ---
 
