@@ -209,16 +209,24 @@ def test_a_failing_initializer_fails_the_loop_instead_of_hanging() -> None:
     assert "does the initializer fail" in str(res.failures[0].exception)
 
 
-def test_input_that_fails_part_way_propagates() -> None:
-    """An input iterator that raises stops the loop cleanly and its exception propagates."""
+@pytest.mark.parametrize("backend", ["process", "thread", "serial"])
+def test_input_that_fails_part_way_propagates_after_what_it_gave(backend: str) -> None:
+    """An input iterator that raises stops the loop cleanly and its exception propagates,
+    once the iterations it gave before have run, as in the old loop."""
 
     def numbers() -> Iterator[int]:
         yield from range(5)
         raise LookupError("input broke")
 
-    calc = parallel_loop(describe_arg, workers=2)
-    with pytest.raises(LookupError, match="input broke"):
+    calc = parallel_loop(describe_arg, workers=2, backend=backend, chunksize=8)
+    with pytest.raises(LookupError, match="input broke") as info:
         calc.map(numbers())
+    partial = info.value.partial_result  # type: ignore[attr-defined]
+    assert list(partial) == [0, 1, 2, 3, 4] and partial.missing == [] and partial.ok
+    seen: list[int] = []
+    with pytest.raises(LookupError, match="input broke"):
+        seen.extend(calc.imap(numbers()))
+    assert seen == [0, 1, 2, 3, 4]
     assert list(calc.map(range(3))) == [0, 1, 2]
 
 

@@ -145,6 +145,10 @@ def run_map(loop: Loop) -> LoopResult[Any]:
     except KeyboardInterrupt:  # Ctrl-C here, between batches, closes the engine without it
         collector.dispatcher.interrupt()
         raise
+    except Exception as exc:
+        if exc is collector.dispatcher.input_error:  # the input broke: what ran is still yours
+            set_attribute(exc, "partial_result", collector.result())
+        raise
     finally:
         batches.close()
         collector.close()

@@ -137,6 +137,9 @@ class Dispatcher:
         self.chunksize = 0
         self.consumed = 0
         self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
+        self.input_error: Exception | None = None
+        """What the input iterator raised: the loop reads no further, finishes what it read
+        before, then raises it."""
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -151,6 +154,7 @@ class Dispatcher:
                 refill = len(in_flight) <= self._refill_at
                 while refill and self._may_send(exhausted):
                     chunk = self._next_chunk()
+                    exhausted = self.input_error is not None
                     if not chunk:
                         exhausted = True
                         break
@@ -162,6 +166,8 @@ class Dispatcher:
                         yield refused
                 if not in_flight:
                     if exhausted and not self._pending:
+                        if self.input_error is not None:
+                            raise self.input_error  # now that what was read before it is done
                         return
                     continue
                 future = finished.get()
@@ -216,7 +222,11 @@ class Dispatcher:
         if self._sequence is not None:
             arguments: Sequence[Any] = self._sequence[start : start + size]
         else:
-            arguments = list(itertools.islice(self._arguments, size))
+            arguments = []
+            try:
+                arguments.extend(itertools.islice(self._arguments, size))  # keeps what came before a raise
+            except Exception as exc:
+                self.input_error = exc
         chunk = Calls(arguments, start, single=self.loop.single)
         self.consumed += len(chunk)
         # Report the size the loop settled on, not the shrinking tail or the empty last read.
