@@ -75,7 +75,7 @@ def test_collect_runs_every_iteration_and_reports_failures(any_backend: dict[str
     res = calc.map(range(10), bad=(2, 7))
     assert not res.ok
     assert list(res) == [0, 10, None, 30, 40, 50, 60, None, 80, 90]
-    assert [f.index for f in res.failures] == [2, 7]
+    assert [f.index for f in res.failures] == [2, 7] and res.stats.failed == 2
     failure = res.failures[0]
     assert isinstance(failure, Failure)
     assert failure.args == (2,) and failure.kwargs == {"bad": (2, 7)} and failure.attempts == 1

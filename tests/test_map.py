@@ -196,6 +196,25 @@ def test_an_executor_passed_in_runs_as_many_calls_at_once_as_it_can() -> None:
     assert res.stats.workers == 6 and peak[0] == 6
 
 
+def test_an_executor_larger_than_workers_runs_only_workers_at_once() -> None:
+    """workers=2 on an 8-thread pool: two iterations at a time, as asked and as reported."""
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def busy(x: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return x
+
+    with ThreadPoolExecutor(8) as executor:
+        res = parallel_loop(busy, backend=executor, workers=2, chunksize=1).map(range(16))
+    assert list(res) == list(range(16))
+    assert res.stats.workers == 2 and peak[0] == 2
+
+
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:
     """Cheap iterations are grouped: the chunk size reached is well above one."""
     res = parallel_loop(square, workers=2).map(range(20_000))

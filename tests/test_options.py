@@ -97,5 +97,25 @@ def test_integer_likes_and_infinite_timeout_are_accepted() -> None:
     options = parallel_loop(square, workers=np.int64(2), chunksize=np.int32(3), timeout=float("inf"))._self_options
     assert (options.workers, options.chunksize, options.timeout) == (2, 3, None)
     assert type(options.workers) is int
+    timeout = parallel_loop(square, timeout=np.int64(5))._self_options.timeout
+    assert timeout == 5.0 and type(timeout) is float
     with pytest.raises(ValueError, match="timeout=nan"):
         parallel_loop(square, timeout=float("nan"))
+
+
+def test_a_timeout_of_centuries_is_watched_without_error(capfd: pytest.CaptureFixture[str]) -> None:
+    """The watcher thread sleeps at most a day at a time (threading refuses waits past ~292 years)."""
+    assert list(parallel_loop(square, workers=2, timeout=1e10).map(range(3))) == [0, 1, 4]
+    assert "Error" not in capfd.readouterr().err
+
+
+def test_a_loop_in_a_multiprocessing_pool_worker_runs_serially() -> None:
+    """A daemonic process may not start processes: the loop runs in it, serially."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_loop_in_a_daemon) == [0, 1, 4]
+
+
+def _loop_in_a_daemon() -> list[int]:
+    return list(parallel_loop(square, workers=2).map(range(3)))

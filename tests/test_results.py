@@ -88,6 +88,8 @@ def test_stats_derive_speedup_and_efficiency() -> None:
         (LoopStats(1.0, 1.0, 100, 2, 1), "workers were busy 50% of the time; iteration costs vary"),
         (LoopStats(1.0, 1.0, 10, 1, 1), "10 iterations averaging 100 ms on 1 worker: ran serially"),
         (LoopStats(0.0, 0.0, 0, 2, 0), "no iterations ran."),
+        (LoopStats(0.4, 0.0, 4, 2, 1, failed=4), "4 of 4 iterations failed: see the failures first"),
+        (LoopStats(1.0, 1.9, 100, 2, 1, failed=3), "100 iterations averaging 19 ms on 2 workers (3 failed): compute"),
     ],
 )
 def test_summary_says_what_limited_the_loop(stats: LoopStats, expected: str) -> None:

@@ -120,6 +120,7 @@ class _Collector:
             chunksize=self.dispatcher.chunksize,
             bytes_sent=self.dispatcher.bytes_sent,
             bytes_received=self.dispatcher.bytes_received,
+            failed=len(self.failures),
         )
 
     def raise_first(self, failure: Failure) -> None:

@@ -45,7 +45,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import BrokenExecutor, CancelledError, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 from autopar._backends import Backend, abandon, acquire, discard, forget_processes, post_mortem
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
-from autopar._options import Options
+from autopar._options import Options, executor_capacity
 from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
 from autopar._shared import pack, release
@@ -67,6 +67,7 @@ _loop_tokens = itertools.count(1)
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for an overdue worker
 _SUSPICIONS = 3  # pool breaks an iteration may be present at, unexplained, before it is blamed
 _FRUITLESS_BREAKS = 3  # pool breaks with nobody running before the loop gives up
+_LONGEST_WAIT = 86_400.0  # seconds the timeout watcher sleeps at most (threading's limit is lower than 1e10)
 
 
 class _InFlight(NamedTuple):
@@ -122,6 +123,11 @@ class Dispatcher:
         # Refill the window only once a worker's worth of chunks has come back: every
         # submission wakes the executor's threads, and one wake-up can carry several chunks.
         self._refill_at = max(self._window - self.workers, 0)
+        capacity = executor_capacity(options.backend) if isinstance(options.backend, Executor) else None
+        if capacity is not None and capacity > self.workers:
+            # An executor with more workers would run every chunk in flight at once: to run
+            # `workers` iterations at a time, keep only that many chunks in flight.
+            self._window, self._refill_at = self.workers, self.workers - 1
         self._pending: deque[Calls] = deque()  # chunks to send again, before new input
         self._attempts: dict[int, int] = {}
         self._suspicions: dict[int, int] = {}
@@ -360,7 +366,7 @@ class Dispatcher:
             return self._stop_overdue(backend) if backend is not None and backend.slots is not None else timeout
 
         def watch() -> None:
-            wait = timeout
+            wait = min(timeout, _LONGEST_WAIT)
             while not loop_over.wait(wait):
                 wait = stop_overdue()
             while any(not future.done() for future in list(self._in_flight)):
@@ -389,7 +395,7 @@ class Dispatcher:
                 wait_ns = min(wait_ns, left)
             elif backend.kill_worker(pid, _KILL_GRACE):  # not a dead worker's stale slot
                 self._overdue[pool, pid] = running
-        return max(wait_ns / 1e9, 0.001)
+        return min(max(wait_ns / 1e9, 0.001), _LONGEST_WAIT)
 
     # --- collecting ---
 

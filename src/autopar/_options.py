@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import numbers
 import operator
 import os
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from typing import Any, Literal, TypeAlias, cast
 from autopar._cpus import usable_cpu_count
 from autopar._worker import in_worker
 
-__all__ = ["BackendName", "Options", "resolve", "validate"]
+__all__ = ["BackendName", "Options", "executor_capacity", "resolve", "validate"]
 
 BackendName: TypeAlias = Literal["process", "thread", "serial"]
 _BACKENDS = ("process", "thread", "serial")
@@ -66,6 +67,8 @@ def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("workers", "chunksize", "retries", "max_tasks_per_worker"):
         if normalized.get(name) is not None:
             normalized[name] = operator.index(normalized[name])
+    if normalized.get("timeout") is not None:
+        normalized["timeout"] = float(normalized["timeout"])
     if normalized.get("timeout") == math.inf:
         normalized["timeout"] = None  # no limit, as None says
     return normalized
@@ -80,13 +83,16 @@ def resolve(options: Options) -> Options:
         options = replace(options, backend=cast(BackendName, backend_env))
     if in_worker():  # a nested loop: serial, in a worker whose initializer already ran
         options = replace(options, backend="serial", initializer=None, initargs=())
+    elif options.backend == "process" and multiprocessing.current_process().daemon:
+        # A daemonic process (a multiprocessing.Pool worker) may not start processes.
+        options = replace(options, backend="serial")
     if options.workers is None:
-        capacity = _capacity(options.backend) if isinstance(options.backend, Executor) else None
+        capacity = executor_capacity(options.backend) if isinstance(options.backend, Executor) else None
         options = replace(options, workers=capacity or _default_workers())
     return options
 
 
-def _capacity(executor: Executor) -> int | None:
+def executor_capacity(executor: Executor) -> int | None:
     """How many calls an executor the user passed runs at once, where it says: a thread or
     process pool (the standard library's, loky's), or a Dask client's executor (its threads,
     over the whole cluster). The engine keeps twice that many chunks in flight."""
@@ -147,9 +153,9 @@ def _check_choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
 def _check_timeout(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
         raise TypeError(f"{name}={value!r}: expected a number of seconds, or None")
-    if not value > 0:  # also refuses NaN
+    if not float(value) > 0:  # also refuses NaN
         raise ValueError(f"{name}={value!r}: must be more than 0 seconds, or None")
 
 

@@ -74,6 +74,9 @@ class LoopStats:
     """Pickled arguments, function and broadcast arguments sent to workers, in bytes."""
     bytes_received: int = 0
     """Pickled results received from workers, in bytes."""
+    failed: int = 0
+    """Iterations that failed (counted in ``iterations``; a timed-out or crashed one adds no
+    ``busy_time``)."""
 
     @property
     def summary(self) -> str:
@@ -85,6 +88,13 @@ class LoopStats:
             "s" if self.workers != 1 else ""
         )
         moved = (self.bytes_sent + self.bytes_received) / self.iterations
+        if 2 * self.failed >= self.iterations:
+            return (
+                f"{self.failed:,} of {self.iterations:,} iterations failed: see the failures first; "
+                "until they pass, the timings say little."
+            )
+        if self.failed:
+            head += f" ({self.failed:,} failed)"
         if self.workers == 1:
             return f"{head}: ran serially ({_seconds(self.wall_time)} in all)."
         if moved / _PICKLE_BYTES_PER_SECOND > mean:
