@@ -398,3 +398,13 @@ def crash_beside_a_bystander(x: int) -> int:
     if x == 2:
         time.sleep(0.5)
     return x
+
+
+
+def flaky_at_3(x: int, marker: str) -> int:
+    """Fails the first time x == 3 runs (anywhere: ``marker`` is a file), then succeeds."""
+    if x == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(0.3)  # fails after the input has ended
+        raise OSError("flaky")
+    return x

@@ -34,8 +34,10 @@ from _helpers import (
     describe_arg,
     exit_after,
     exit_at,
+    flaky_at_3,
     initialized,
     log_start,
+    raise_base,
     raise_fault,
     remember,
     return_fault,
@@ -320,6 +322,137 @@ def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt):
         calc.map([0.0, 60.0])
     assert not workers & {child.pid for child in worker_children()}, "a worker kept running"
+
+
+def test_a_forked_childs_exit_does_not_wait_for_its_abandoned_iteration(tmp_path: Path) -> None:
+    """A child made by os.fork() after the parent's loops starts pools of its own: its exit
+    stops what its own loops left running, as the parent's does."""
+    script = tmp_path / "forked.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            from autopar import parallel_loop
+
+            @parallel_loop(workers=2, chunksize=1, start_method="fork")
+            def slow(x):
+                if x == 0:
+                    raise ValueError("fails at once")
+                time.sleep(max(30 * x, 0))
+
+            if __name__ == "__main__":
+                slow.map([-1])  # the parent's pool, and its exit hooks
+                child = os.fork()
+                if child == 0:
+                    try:
+                        slow.map([0, 1])
+                    except ValueError:
+                        sys.exit(0)
+                started = time.monotonic()
+                os.waitpid(child, 0)
+                print(f"child exited in {time.monotonic() - started:.1f} s", flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=60)
+    seconds = float(proc.stdout.split()[-2])
+    assert seconds < 10, proc.stderr.decode()
+
+
+def test_exit_leaves_a_live_loop_of_another_thread_alone(tmp_path: Path) -> None:
+    """Stopping an abandoned iteration breaks its whole pool: not while a loop of a thread
+    still running uses that pool (it could not resend once the interpreter shuts down)."""
+    script = tmp_path / "live.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import threading, time
+            from autopar import parallel_loop
+
+            @parallel_loop(workers=4, chunksize=1)
+            def slow(x):
+                if x == 0:
+                    raise ValueError("fails at once")
+                time.sleep(2)
+                return x
+
+            def live():
+                print("live loop:", list(slow.map([5, 6])), flush=True)
+
+            if __name__ == "__main__":
+                try:
+                    slow.map([0, 1])  # abandons iteration 1
+                except ValueError:
+                    pass
+                threading.Thread(target=live).start()
+                time.sleep(0.5)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=50)
+    assert b"live loop: [5, 6]" in proc.stdout, proc.stderr.decode()
+
+
+def test_ctrl_c_in_one_loop_costs_another_loop_on_the_pool_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C kills the pool under the interrupted loop; a loop of another thread on the
+    same pool sends its calls again, and does not take the killed workers for crashes."""
+    from autopar import _collect
+
+    calc = parallel_loop(sleep_then, workers=4, chunksize=1, on_error="collect")
+    calc.map([0.0])
+    out: dict[str, Any] = {}
+    other = threading.Thread(target=lambda: out.update(res=calc.map([1.0, 1.0])))
+    other.start()
+    time.sleep(0.3)
+    add = _collect._Collector.add
+
+    def interrupted(self: Any, batch: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        return add(self, batch)
+
+    monkeypatch.setattr(_collect._Collector, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calc.map([0.0, 0.0])
+    monkeypatch.undo()
+    other.join(60)
+    assert list(out["res"]) == [1.0, 1.0] and out["res"].failures == []
+
+
+def test_an_iterations_own_keyboard_interrupt_does_not_kill_the_pool() -> None:
+    calc = parallel_loop(raise_base, workers=2, chunksize=1)
+    calc.map([0, 1])
+    workers = {child.pid for child in worker_children()}
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        calc.map(range(6), exc_type=KeyboardInterrupt)
+    assert workers <= {child.pid for child in worker_children()}
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_an_exhausted_input_is_not_read_again_for_a_retry(backend: str, tmp_path: Path) -> None:
+    """A retry sent after the input ended must not read it again (a closed file raises)."""
+
+    class ReadOnce:
+        def __init__(self) -> None:
+            self.items, self.ended = iter(range(4)), False
+
+        def __iter__(self) -> ReadOnce:
+            return self
+
+        def __next__(self) -> int:
+            if self.ended:
+                raise ValueError("I/O operation on closed file")
+            try:
+                return next(self.items)
+            except StopIteration:
+                self.ended = True
+                raise
+
+    calc = parallel_loop(flaky_at_3, workers=2, chunksize=1, retries=1, backend=backend)
+    res = calc.map(ReadOnce(), marker=str(tmp_path / "failed"))
+    assert list(res) == [0, 1, 2, 3]
 
 
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: str) -> None:

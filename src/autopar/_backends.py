@@ -14,12 +14,13 @@ import functools
 import multiprocessing
 import os
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from autopar import _shared
 from autopar._cpus import usable_cpu_count
@@ -37,6 +38,8 @@ __all__ = [
     "acquire",
     "discard",
     "forget_processes",
+    "loop_ended",
+    "loop_started",
     "post_mortem",
     "shutdown",
 ]
@@ -238,6 +241,23 @@ _abandoned: dict[int, deque[int]] = {}
 """By pool: chunks of loops that ended while those chunks ran (the most recent ones)."""
 
 
+class _Loop(Protocol):
+    def pools_in_use(self) -> set[int]: ...
+
+
+_live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
+
+
+def loop_started(loop: _Loop) -> None:
+    """A loop runs: at exit, the pools it uses are left alone (stopping a worker breaks the
+    whole pool, and the loop could not resend its chunks once the interpreter shuts down)."""
+    _live_loops.add(loop)
+
+
+def loop_ended(loop: _Loop) -> None:
+    _live_loops.discard(loop)
+
+
 def abandon(backend: Backend, chunk_ids: list[int]) -> None:
     """A loop ended early (a failure raised, an imap closed or dropped, Ctrl-C in the code
     that consumed it) while these chunks of its may still run: nobody wants their results."""
@@ -248,11 +268,13 @@ def abandon(backend: Backend, chunk_ids: list[int]) -> None:
 def _stop_abandoned() -> None:
     """At interpreter exit, before `concurrent.futures` waits for the workers: stop those
     still running an abandoned chunk, or the exit would wait for it to end (an iteration a
-    raised failure or Ctrl-C left behind can take minutes). Live loops of other threads go on."""
+    raised failure or Ctrl-C left behind can take minutes). Pools that loops of other
+    threads still use are left alone."""
     if os.getpid() != _hook_pid:
         return  # a forked child's exit: the pools are its parent's
+    busy = {pool for loop in list(_live_loops) for pool in loop.pools_in_use()}
     with _stopped_lock:
-        abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items()}
+        abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
         processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
     for pool, chunks in abandoned.items():
         slots = _slots_of.get(pool)
@@ -269,7 +291,11 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
     with _pools_lock:
         if _pools_pid != os.getpid():  # a forked child must not use its parent's pools
             _pools.clear()
-            _pools_pid = os.getpid()
+            with _stopped_lock:
+                for table in (_slots_of, _processes_of, _stopped_of, _abandoned):
+                    table.clear()
+            _live_loops.clear()
+            _pools_pid = _hook_pid = os.getpid()
         executor = _pools.pop(key, None)
         if executor is None:
             executor = make()
@@ -328,7 +354,10 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
         return
     try:
         if kill:
-            for process in list(_processes_of.get(id(executor), {}).values()):
+            processes = list(_processes_of.get(id(executor), {}).values())
+            with _stopped_lock:  # another loop on this pool must not take these for crashes
+                _stopped_of.setdefault(id(executor), set()).update(p.pid for p in processes if p.pid)
+            for process in processes:
                 process.kill()
         executor.shutdown(wait=True, cancel_futures=True)
     finally:
@@ -393,8 +422,13 @@ def post_mortem(backend: Backend) -> PostMortem:
         exit_codes = {pid: process.exitcode for pid, process in processes.items()}
         with _stopped_lock:
             report.value = PostMortem(running, exit_codes, frozenset(stopped))
-        forget_processes(executor)
+    except BaseException:
+        with _post_mortems_lock:  # interrupted: whoever asks next tries again
+            if _post_mortems.get(id(executor), (None, None))[1] is report:
+                del _post_mortems[id(executor)]
+        raise
     finally:
+        forget_processes(executor)
         report.done.set()
     return report.value
 

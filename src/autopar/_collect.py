@@ -129,6 +129,12 @@ class _Collector:
         set_attribute(exc, "partial_result", self.result())
         raise exc
 
+    def interrupted(self, exc: KeyboardInterrupt) -> None:
+        """Ctrl-C: kill the workers, unless it is an iteration's own KeyboardInterrupt, raised
+        as its failure (that one stops only this loop, like any other failure)."""
+        if not any(failure.exception is exc for failure in self.failures):
+            self.dispatcher.interrupt()
+
     def close(self) -> None:
         self.progress.close()
 
@@ -143,8 +149,8 @@ def run_map(loop: Loop) -> LoopResult[Any]:
             if failed and loop.options.on_error == "raise":
                 batches.close()
                 collector.raise_first(min(failed, key=lambda failure: failure.index))
-    except KeyboardInterrupt:  # Ctrl-C here, between batches, closes the engine without it
-        collector.dispatcher.interrupt()
+    except KeyboardInterrupt as exc:  # Ctrl-C here, between batches, closes the engine without it
+        collector.interrupted(exc)
         raise
     except Exception as exc:
         if exc is collector.dispatcher.input_error:  # the input broke: what ran is still yours
@@ -207,8 +213,8 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None
                     yield value  # the caller has it now: memory stays flat
                     next_index += 1
                     dispatcher.delivered = next_index
-    except KeyboardInterrupt:
-        dispatcher.interrupt()
+    except KeyboardInterrupt as exc:
+        collector.interrupted(exc)
         raise
     finally:
         batches.close()

@@ -50,7 +50,16 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
-from autopar._backends import Backend, abandon, acquire, discard, forget_processes, post_mortem
+from autopar._backends import (
+    Backend,
+    abandon,
+    acquire,
+    discard,
+    forget_processes,
+    loop_ended,
+    loop_started,
+    post_mortem,
+)
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
 from autopar._options import Options, executor_capacity
@@ -67,7 +76,6 @@ _loop_tokens = itertools.count(1)
 _KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for an overdue worker
 _SUSPICIONS = 3  # pool breaks an iteration may be present at, unexplained, before it is blamed
 _FRUITLESS_BREAKS = 3  # pool breaks with nobody running before the loop gives up
-_LONGEST_WAIT = 86_400.0  # seconds the timeout watcher sleeps at most (threading's limit is lower than 1e10)
 
 
 class _InFlight(NamedTuple):
@@ -155,12 +163,13 @@ class Dispatcher:
         in_flight = self._in_flight
         exhausted = False
         watching = self._watch_timeouts()
+        loop_started(self)
         try:
             while True:
                 refill = len(in_flight) <= self._refill_at
                 while refill and self._may_send(exhausted):
                     chunk = self._next_chunk()
-                    exhausted = self.input_error is not None
+                    exhausted = exhausted or self.input_error is not None
                     if not chunk:
                         exhausted = True
                         break
@@ -189,6 +198,7 @@ class Dispatcher:
             self.interrupt()
             raise
         finally:
+            loop_ended(self)
             if watching is not None:
                 watching.set()
             # A chunk still running may read its segments: those are removed, not kept for reuse.
@@ -201,6 +211,11 @@ class Dispatcher:
                 release(entry.segment, reuse=False)
             for segment in self._loop_segments:
                 release(segment, reuse=not in_flight)
+
+    def pools_in_use(self) -> set[int]:
+        """Our pools this loop runs on now (by id), read from another thread at exit."""
+        backends = [entry.backend for entry in list(self._in_flight.values())] + [self._backend]
+        return {id(backend.executor) for backend in backends if backend is not None and backend.owned}
 
     def interrupt(self) -> None:
         """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
@@ -366,7 +381,7 @@ class Dispatcher:
             return self._stop_overdue(backend) if backend is not None and backend.slots is not None else timeout
 
         def watch() -> None:
-            wait = min(timeout, _LONGEST_WAIT)
+            wait = timeout
             while not loop_over.wait(wait):
                 wait = stop_overdue()
             while any(not future.done() for future in list(self._in_flight)):
@@ -393,9 +408,12 @@ class Dispatcher:
             left = running.started_ns + timeout_ns - now
             if left > 0:
                 wait_ns = min(wait_ns, left)
-            elif backend.kill_worker(pid, _KILL_GRACE):  # not a dead worker's stale slot
-                self._overdue[pool, pid] = running
-        return min(max(wait_ns / 1e9, 0.001), _LONGEST_WAIT)
+                continue
+            # Noted before the kill: the loop thread may see the pool break at once.
+            self._overdue[pool, pid] = running
+            if not backend.kill_worker(pid, _KILL_GRACE):  # a dead worker's stale slot
+                self._overdue.pop((pool, pid), None)
+        return max(wait_ns / 1e9, 0.001)
 
     # --- collecting ---
 
@@ -494,13 +512,15 @@ class Dispatcher:
                     f"the iteration ran longer than timeout={self.options.timeout:g} s; "
                     f"its worker (pid {pid}) was stopped and replaced"
                 )
+            elif pid in stopped:
+                continue  # stopped on purpose by another loop: its timeout, or Ctrl-C
             elif exit_code is not None and exit_code != -signal.SIGTERM and pid in running:
                 where = running[pid]
                 error = WorkerCrashed(_death(pid, exit_code, where.position), exit_code, pid)
             else:
                 continue
             blamed.setdefault(where.chunk_id, {})[where.position] = Failed(-1, error)
-        if not blamed and stopped:  # another loop stopped a worker past its timeout: no crash
+        if not blamed and stopped:  # another loop stopped a worker on purpose: no crash
             self._pending.extendleft(entry.calls for entry in reversed(lost))
             return
         if not blamed:  # nobody to blame, in this loop or another one sharing the pool

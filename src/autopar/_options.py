@@ -68,9 +68,8 @@ def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
         if normalized.get(name) is not None:
             normalized[name] = operator.index(normalized[name])
     if normalized.get("timeout") is not None:
-        normalized["timeout"] = float(normalized["timeout"])
-    if normalized.get("timeout") == math.inf:
-        normalized["timeout"] = None  # no limit, as None says
+        timeout = _seconds(normalized["timeout"])
+        normalized["timeout"] = None if timeout > _NO_LIMIT_ABOVE else timeout  # no limit, as None says
     return normalized
 
 
@@ -155,8 +154,20 @@ def _check_timeout(name: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
         raise TypeError(f"{name}={value!r}: expected a number of seconds, or None")
-    if not float(value) > 0:  # also refuses NaN
+    if not _seconds(value) > 0:  # also refuses NaN
         raise ValueError(f"{name}={value!r}: must be more than 0 seconds, or None")
+
+
+_NO_LIMIT_ABOVE = 1e9
+"""Seconds (31 years) past which a timeout means no limit: nothing can wait that long
+(threading refuses waits past a few centuries)."""
+
+
+def _seconds(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf
 
 
 def _is_whole(value: Any) -> bool:
