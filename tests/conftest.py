@@ -78,13 +78,17 @@ def worker_children() -> list[psutil.Process]:
     return found
 
 
-def run_script(source: str, tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``source`` as a fresh ``__main__`` script; fail with its output if it fails."""
+def run_script(
+    source: str, tmp_path: Path, *args: str, timeout: float = 60, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a fresh ``__main__`` script; with ``check``, fail with its output if
+    it fails."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
-    assert result.returncode == 0, f"script failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    if check:
+        assert result.returncode == 0, f"script failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result

@@ -48,7 +48,7 @@ from _helpers import (
 from autopar import IterationTimeout, SerializationError, WorkerCrashed, parallel_loop
 from autopar._chunking import MAX_CHUNK
 from autopar._shared import segment_prefix
-from conftest import worker_children
+from conftest import run_script, worker_children
 
 DEV_SHM = Path("/dev/shm")
 
@@ -278,31 +278,24 @@ ABANDONED_ENDINGS = {
 def test_exit_does_not_wait_for_an_abandoned_iteration(tmp_path: Path, start_method: str, ending: str) -> None:
     """A loop that ended early leaves an iteration running: the program's exit stops it
     instead of waiting for it (concurrent.futures alone waits a minute here)."""
-    script = tmp_path / "abandon.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import time
-            from autopar import parallel_loop
+    source = f"""
+        import time
+        from autopar import parallel_loop
 
-            @parallel_loop(workers=2, chunksize=1, start_method={start_method!r})
-            def slow(x):
-                if x == 0:
-                    raise ValueError("fails at once")
-                time.sleep(max(60 * x, 0))
+        @parallel_loop(workers=2, chunksize=1, start_method={start_method!r})
+        def slow(x):
+            if x == 0:
+                raise ValueError("fails at once")
+            time.sleep(max(60 * x, 0))
 
-            if __name__ == "__main__":
-                time.sleep(0.2)  # the pool is started; the second iteration is running
-            """
-        )
-        + textwrap.indent(ABANDONED_ENDINGS[ending], "    ")
-        + "\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        if __name__ == "__main__":
+            time.sleep(0.2)  # the pool is started; the second iteration is running
+        """
+    source = textwrap.dedent(source) + textwrap.indent(ABANDONED_ENDINGS[ending], "    ") + "\n"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=50)
+    proc = run_script(source, tmp_path, timeout=50, check=False)
     assert time.monotonic() - started < 15
-    assert (b"KeyboardInterrupt" if ending == "ctrl_c_in_consumer" else b"ValueError: fails at once") in proc.stderr
+    assert ("KeyboardInterrupt" if ending == "ctrl_c_in_consumer" else "ValueError: fails at once") in proc.stderr
 
 
 def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,72 +320,60 @@ def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.M
 def test_a_forked_childs_exit_does_not_wait_for_its_abandoned_iteration(tmp_path: Path) -> None:
     """A child made by os.fork() after the parent's loops starts pools of its own: its exit
     stops what its own loops left running, as the parent's does."""
-    script = tmp_path / "forked.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os, sys, time
-            from autopar import parallel_loop
+    source = """
+        import os, sys, time
+        from autopar import parallel_loop
 
-            @parallel_loop(workers=2, chunksize=1, start_method="fork")
-            def slow(x):
-                if x == 0:
-                    raise ValueError("fails at once")
-                time.sleep(max(30 * x, 0))
+        @parallel_loop(workers=2, chunksize=1, start_method="fork")
+        def slow(x):
+            if x == 0:
+                raise ValueError("fails at once")
+            time.sleep(max(30 * x, 0))
 
-            if __name__ == "__main__":
-                slow.map([-1])  # the parent's pool, and its exit hooks
-                child = os.fork()
-                if child == 0:
-                    try:
-                        slow.map([0, 1])
-                    except ValueError:
-                        sys.exit(0)
-                started = time.monotonic()
-                os.waitpid(child, 0)
-                print(f"child exited in {time.monotonic() - started:.1f} s", flush=True)
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=60)
+        if __name__ == "__main__":
+            slow.map([-1])  # the parent's pool, and its exit hooks
+            child = os.fork()
+            if child == 0:
+                try:
+                    slow.map([0, 1])
+                except ValueError:
+                    sys.exit(0)
+            started = time.monotonic()
+            os.waitpid(child, 0)
+            print(f"child exited in {time.monotonic() - started:.1f} s", flush=True)
+        """
+    proc = run_script(source, tmp_path)
     seconds = float(proc.stdout.split()[-2])
-    assert seconds < 10, proc.stderr.decode()
+    assert seconds < 10, proc.stderr
 
 
 def test_exit_leaves_a_live_loop_of_another_thread_alone(tmp_path: Path) -> None:
     """Stopping an abandoned iteration breaks its whole pool: not while a loop of a thread
     still running uses that pool (it could not resend once the interpreter shuts down)."""
-    script = tmp_path / "live.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import threading, time
-            from autopar import parallel_loop
+    source = """
+        import threading, time
+        from autopar import parallel_loop
 
-            @parallel_loop(workers=4, chunksize=1)
-            def slow(x):
-                if x == 0:
-                    raise ValueError("fails at once")
-                time.sleep(2)
-                return x
+        @parallel_loop(workers=4, chunksize=1)
+        def slow(x):
+            if x == 0:
+                raise ValueError("fails at once")
+            time.sleep(2)
+            return x
 
-            def live():
-                print("live loop:", list(slow.map([5, 6])), flush=True)
+        def live():
+            print("live loop:", list(slow.map([5, 6])), flush=True)
 
-            if __name__ == "__main__":
-                try:
-                    slow.map([0, 1])  # abandons iteration 1
-                except ValueError:
-                    pass
-                threading.Thread(target=live).start()
-                time.sleep(0.5)
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=50)
-    assert b"live loop: [5, 6]" in proc.stdout, proc.stderr.decode()
+        if __name__ == "__main__":
+            try:
+                slow.map([0, 1])  # abandons iteration 1
+            except ValueError:
+                pass
+            threading.Thread(target=live).start()
+            time.sleep(0.5)
+        """
+    proc = run_script(source, tmp_path, timeout=50)
+    assert "live loop: [5, 6]" in proc.stdout, proc.stderr
 
 
 def test_ctrl_c_in_one_loop_costs_another_loop_on_the_pool_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

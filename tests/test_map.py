@@ -177,42 +177,35 @@ def test_user_executor_is_used_and_left_open() -> None:
         assert executor.submit(square, 4).result() == 16
 
 
-def test_an_executor_passed_in_runs_as_many_calls_at_once_as_it_can() -> None:
-    """Not two per CPU of this machine: a 6-thread pool runs 6 iterations at once."""
-    lock, running, peak = threading.Lock(), [0], [0]
+class _Concurrency:
+    """A loop function that records how many of its calls ran at once, at most."""
 
-    def busy(x: int) -> int:
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
+    def __init__(self) -> None:
+        self.lock, self.running, self.peak = threading.Lock(), 0, 0
+
+    def __call__(self, x: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.03)
+        with self.lock:
+            self.running -= 1
         return x
 
-    with ThreadPoolExecutor(6) as executor:
-        res = parallel_loop(busy, backend=executor, chunksize=1).map(range(24))
-    assert list(res) == list(range(24))
-    assert res.stats.workers == 6 and peak[0] == 6
 
-
-def test_an_executor_larger_than_workers_runs_only_workers_at_once() -> None:
-    """workers=2 on an 8-thread pool: two iterations at a time, as asked and as reported."""
-    lock, running, peak = threading.Lock(), [0], [0]
-
-    def busy(x: int) -> int:
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return x
-
-    with ThreadPoolExecutor(8) as executor:
-        res = parallel_loop(busy, backend=executor, workers=2, chunksize=1).map(range(16))
-    assert list(res) == list(range(16))
-    assert res.stats.workers == 2 and peak[0] == 2
+@pytest.mark.parametrize(
+    ("threads", "workers", "at_once"),
+    [
+        (6, None, 6),  # not two per CPU of this machine: the executor's own capacity
+        (8, 2, 2),  # fewer workers than the executor has: that many at a time, as reported
+    ],
+)
+def test_an_executor_runs_as_many_calls_at_once_as_asked(threads: int, workers: int | None, at_once: int) -> None:
+    busy = _Concurrency()
+    with ThreadPoolExecutor(threads) as executor:
+        res = parallel_loop(busy, backend=executor, workers=workers, chunksize=1).map(range(4 * threads))
+    assert list(res) == list(range(4 * threads))
+    assert res.stats.workers == at_once and busy.peak == at_once
 
 
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:
