@@ -12,6 +12,7 @@ import pytest
 
 from _helpers import Scaler, decorated_square, square
 from autopar import BoundLoopFunction, LoopFunction, parallel_loop
+from autopar._serialize import dumps as autopar_dumps
 
 
 def test_plain_call_is_untouched() -> None:
@@ -74,6 +75,21 @@ def test_copies_closures_and_lambdas_pickle_as_loop_functions(dumps: Any) -> Non
         assert restored._self_options == original._self_options
         assert restored(3) == original(3)
         assert list(restored.options(backend="serial").map([2])) == [original(2)]
+
+
+@pytest.mark.parametrize(
+    "dumps", [pickle.dumps, cloudpickle.dumps, autopar_dumps], ids=["pickle", "cloudpickle", "autopar"]
+)
+def test_a_closure_that_calls_itself_pickles(dumps: Any) -> None:
+    """Its pickle refers back to the loop function: one pickler and memo must end the cycle."""
+
+    @parallel_loop(workers=2)
+    def fibonacci(n: int) -> int:
+        return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+
+    restored = pickle.loads(dumps(fibonacci))
+    assert isinstance(restored, LoopFunction) and restored(10) == 55
+    assert list(fibonacci.map(range(8))) == [0, 1, 1, 2, 3, 5, 8, 13]
 
 
 def test_options_with_an_executor_instance_pickle_without_it() -> None:

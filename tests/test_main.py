@@ -11,6 +11,7 @@ from conftest import run_script
 pytestmark = pytest.mark.contract
 
 SCRIPT = """
+    import pickle
     import sys
     import cloudpickle
     from autopar import LoopFunction, parallel_loop
@@ -27,6 +28,19 @@ SCRIPT = """
         def __init__(self, x):
             self.x = x
 
+    @parallel_loop(workers=2, start_method=sys.argv[1])
+    def factorial(n):
+        return 1 if n <= 1 else n * factorial(n - 1)  # calls itself: its pickle refers back to it
+
+    class Base:
+        def scale(self, x):
+            return x
+
+    class Scaled(Base):
+        @parallel_loop(workers=2, start_method=sys.argv[1])
+        def scale(self, x):
+            return 10 * super().scale(x)  # super(): the method refers to its own class
+
     if __name__ == "__main__":
         out1, out2, out3 = calc_stuff.options(on_error="collect").map(j * offset for j in range(6)).unzip()
         print("outputs", out1, out2, out3)
@@ -34,6 +48,8 @@ SCRIPT = """
         print("traceback", res.failures[0].traceback)
         points = parallel_loop(lambda p: p.x + 1, workers=2, start_method=sys.argv[1]).map([Point(1), Point(2)])
         print("points", list(points))
+        print("factorials", list(factorial.map(range(6))), pickle.loads(pickle.dumps(factorial))(4))
+        print("scaled", list(Scaled().scale.map([1, 2])))
         restored = cloudpickle.loads(cloudpickle.dumps(calc_stuff))
         print("restored", type(restored).__name__, isinstance(restored, LoopFunction))
 """
@@ -43,9 +59,10 @@ def test_main_module_functions_classes_and_lambdas(tmp_path: Path, start_method:
     """A script's own function, class and lambda run on workers; tracebacks name its lines."""
     out = run_script(SCRIPT, tmp_path, start_method).stdout
     assert "outputs [0.0, 0.5, 1.0, None, 2.0, 2.5] [0.0, 1.0, 2.0, None, 4.0, 5.0]" in out
-    assert f'File "{tmp_path / "script.py"}", line 11, in calc_stuff' in out
+    assert f'File "{tmp_path / "script.py"}", line 12, in calc_stuff' in out
     assert 'raise ValueError("three")  # failing line' in out
     assert "points [2, 3]" in out
+    assert "factorials [1, 1, 2, 6, 24, 120] 24" in out and "scaled [10, 20]" in out
     assert "restored LoopFunction True" in out
 
 

@@ -8,6 +8,7 @@ lives elsewhere: the methods here only resolve options and hand over to the coll
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import replace
@@ -19,7 +20,7 @@ from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._engine import Loop
 from autopar._options import Options, resolve, validate
 from autopar._results import LoopResult
-from autopar._serialize import dumps, loads
+from autopar._serialize import dumps, loads, reduce_with
 
 __all__ = ["BoundLoopFunction", "LoopFunction", "parallel_loop"]
 
@@ -126,6 +127,13 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle by reference when importable (cheap, and the worker imports the module);
         otherwise (``__main__``, notebooks, closures, lambdas) carry the function by value."""
+        return self._reduce(within_cloudpickle=False)
+
+    def _reduce(self, *, within_cloudpickle: bool) -> Any:
+        """What `__reduce_ex__` says. ``within_cloudpickle``: autopar's own pickler is the one
+        asking (it registers this), so the function by value goes into the same pickle, whose
+        memo ends the cycle of a function that refers to itself (recursion, ``super()``, its
+        own class); any other pickler gets it pickled apart, as bytes, and would recurse."""
         options = _portable(self._self_options)
         module_name = getattr(self.__wrapped__, "__module__", None)
         qualname = getattr(self.__wrapped__, "__qualname__", "")
@@ -135,7 +143,12 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
                 return qualname
             if isinstance(found, LoopFunction) and found.__wrapped__ is self.__wrapped__:
                 return _with_options, (found, options)
+        if within_cloudpickle:
+            return LoopFunction, (self.__wrapped__, options)
         return _by_value, (dumps(self.__wrapped__), options)
+
+
+reduce_with(LoopFunction, functools.partial(LoopFunction._reduce, within_cloudpickle=True))
 
 
 def _lookup(module_name: str, qualname: str) -> Any:

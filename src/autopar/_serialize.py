@@ -41,6 +41,7 @@ __all__ = [
     "encode_values",
     "format_worker_traceback",
     "loads",
+    "reduce_with",
 ]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -61,6 +62,11 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     # A live view, like cloudpickle's own: reducers registered with copyreg later still count.
     dispatch_table: ClassVar[Any] = ChainMap({CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def reduce_with(cls: type, reducer: Callable[[Any], Any]) -> None:
+    """Make autopar's pickler reduce instances of ``cls`` (exactly) with ``reducer``."""
+    _Pickler.dispatch_table.maps[0][cls] = reducer
 
 
 def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
