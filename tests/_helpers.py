@@ -408,3 +408,13 @@ def flaky_at_3(x: int, marker: str) -> int:
         time.sleep(0.3)  # fails after the input has ended
         raise OSError("flaky")
     return x
+
+
+def fail_slow_then_fast(x: int) -> int:
+    """Iteration 0 fails after 0.3 s, iteration 5 at once."""
+    if x == 0:
+        time.sleep(0.3)
+        raise FileNotFoundError("input_0.csv")
+    if x == 5:
+        raise ValueError("bad row in input_5.csv")
+    return x

@@ -17,6 +17,7 @@ from _helpers import (
     RefusesPickling,
     UnprintableError,
     fail_on,
+    fail_slow_then_fast,
     raise_base,
     raise_needs_two,
     raise_refuses_pickling,
@@ -55,6 +56,16 @@ def test_raise_attaches_the_worker_traceback_and_partial_result(any_backend: dic
     assert all(partial[i] == i * 10 for i in done)
     if any_backend["backend"] == "serial":
         assert done == [0, 1, 2, 3, 4] and partial.missing == []
+
+
+@pytest.mark.contract
+def test_raise_raises_the_earliest_failure_whatever_finishes_first(any_backend: dict[str, Any]) -> None:
+    """As the old loop would: iteration 0's error, though iteration 5 failed earlier in time."""
+    calc = parallel_loop(fail_slow_then_fast, chunksize=1, **any_backend)
+    with pytest.raises(FileNotFoundError, match=r"input_0\.csv") as info:
+        calc.map(range(10))
+    assert info.value.__notes__[0].startswith("iteration 0:")
+    assert 0 not in info.value.partial_result.missing  # type: ignore[attr-defined]
 
 
 def test_except_clause_of_the_old_loop_still_catches(backend: dict[str, Any]) -> None:

@@ -175,7 +175,7 @@ def test_a_hung_iteration_that_outlives_its_loop_is_still_stopped() -> None:
     is stopped at the timeout all the same, not left hung under the next loop."""
     calc = parallel_loop(crash_in_call, workers=2, chunksize=1, timeout=0.5)
     with pytest.raises(ValueError):
-        calc.map([3, 4], how="hang_or_raise")
+        calc.map([4, 3], how="hang_or_raise")  # 4 fails first in the input too
     hung = {child.pid for child in worker_children()}
     deadline = time.monotonic() + 10
     while hung & {child.pid for child in worker_children()} and time.monotonic() < deadline:

@@ -140,15 +140,27 @@ class _Collector:
 
 
 def run_map(loop: Loop) -> LoopResult[Any]:
-    """Run every iteration and return the results in input order."""
+    """Run every iteration and return the results in input order.
+
+    Under ``on_error="raise"``, the failure raised is the one of the earliest iteration, as
+    in the old loop, whatever order they finish in: after a failure no more input is read,
+    and the loop stops once every earlier iteration has finished."""
     collector = _Collector(loop)
-    batches = collector.dispatcher.batches()
+    dispatcher = collector.dispatcher
+    batches = dispatcher.batches()
+    first: Failure | None = None
     try:
         for batch in batches:
             failed = collector.add(batch)
             if failed and loop.options.on_error == "raise":
-                batches.close()
-                collector.raise_first(min(failed, key=lambda failure: failure.index))
+                earliest = min(failed, key=lambda failure: failure.index)
+                first = earliest if first is None or earliest.index < first.index else first
+                dispatcher.stop_before = first.index
+            if first is not None and not dispatcher.runs_before(first.index):
+                break
+        if first is not None:
+            batches.close()
+            collector.raise_first(first)
     except KeyboardInterrupt as exc:  # Ctrl-C here, between batches, closes the engine without it
         collector.interrupted(exc)
         raise

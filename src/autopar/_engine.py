@@ -151,6 +151,9 @@ class Dispatcher:
         self.chunksize = 0
         self.consumed = 0
         self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
+        self.stop_before: int | None = None
+        """Set by a consumer that will stop at this index (the first failure under "raise"):
+        read no more input, and finish only what comes before it."""
         self.input_error: Exception | None = None
         """What the input iterator raised: the loop reads no further, finishes what it read
         before, then raises it."""
@@ -180,7 +183,7 @@ class Dispatcher:
                     if refused is not None:
                         yield refused
                 if not in_flight:
-                    if exhausted and not self._pending:
+                    if (exhausted or self.stop_before is not None) and not self._pending:
                         if self.input_error is not None:
                             raise self.input_error  # now that what was read before it is done
                         return
@@ -227,7 +230,13 @@ class Dispatcher:
 
     def _may_send(self, exhausted: bool) -> bool:
         """Whether the window has room and there is something to send."""
-        return len(self._in_flight) < self._window and (bool(self._pending) or (not exhausted and self._may_read()))
+        reading = not exhausted and self.stop_before is None and self._may_read()
+        return len(self._in_flight) < self._window and (bool(self._pending) or reading)
+
+    def runs_before(self, index: int) -> bool:
+        """Whether an iteration earlier than ``index`` is still in flight or to be sent again."""
+        chunks = [entry.calls for entry in self._in_flight.values()] + list(self._pending)
+        return any(min(chunk.index_list()) < index for chunk in chunks)
 
     def _may_read(self) -> bool:
         """Whether to read more input: always for map; for imap, only while the results
