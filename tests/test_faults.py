@@ -232,13 +232,17 @@ def test_input_that_fails_part_way_propagates_after_what_it_gave(backend: str) -
     assert list(calc.map(range(3))) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "while_"),
+    [("fork", ""), ("spawn", ""), ("forkserver", ""), ("fork", "another thread closes the pool")],
+)
+def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str, while_: str) -> None:
     script = tmp_path / "interrupted.py"
     script.write_text(
         textwrap.dedent(
             f"""
-            import time
+            import threading, time
+            import autopar
             from autopar import parallel_loop
 
             @parallel_loop(workers=2, chunksize=1, start_method={method!r})
@@ -246,6 +250,8 @@ def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) ->
                 time.sleep(60)
 
             if __name__ == "__main__":
+                if {bool(while_)!r}:  # shutdown() waits for the iterations: Ctrl-C must not
+                    threading.Timer(1.0, autopar.shutdown).start()
                 print("ready", flush=True)
                 slow.map(range(8))
             """
@@ -270,6 +276,7 @@ def test_ctrl_c_stops_the_loop_and_kills_workers(tmp_path: Path, method: str) ->
 
 ABANDONED_ENDINGS = {
     "raise": "slow.map([0, 1])",  # iteration 0 fails at once while 1 runs
+    "raise_while_an_imap_is_held": "held = slow.imap([-1, -1])\nnext(held)\nslow.map([0, 1])",
     "ctrl_c_in_consumer": "for value in slow.imap([-1, 1]):\n    raise KeyboardInterrupt",  # with 1 running
 }
 
@@ -300,7 +307,7 @@ def test_exit_does_not_wait_for_an_abandoned_iteration(tmp_path: Path, start_met
 
 def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C that lands in the collector, not in the engine, still kills the workers."""
-    from autopar import _collect
+    from autopar import _backends, _collect
 
     add = _collect._Collector.add
 
@@ -315,6 +322,7 @@ def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt):
         calc.map([0.0, 60.0])
     assert not workers & {child.pid for child in worker_children()}, "a worker kept running"
+    assert set(_backends._abandoned) <= set(_backends._processes_of), "chunks noted for a forgotten pool"
 
 
 def test_a_forked_childs_exit_does_not_wait_for_its_abandoned_iteration(tmp_path: Path) -> None:
@@ -345,6 +353,31 @@ def test_a_forked_childs_exit_does_not_wait_for_its_abandoned_iteration(tmp_path
     proc = run_script(source, tmp_path)
     seconds = float(proc.stdout.split()[-2])
     assert seconds < 10, proc.stderr
+
+
+def test_a_loop_outliving_the_main_thread_says_why_it_stops(tmp_path: Path) -> None:
+    """concurrent.futures refuses new work once the interpreter shuts down: say so, plainly."""
+    source = """
+        import threading, time
+        from autopar import parallel_loop
+
+        @parallel_loop(workers=2, chunksize=1)
+        def slow(x):
+            time.sleep(0.3)
+            return x
+
+        def live():
+            try:
+                slow.map(range(12))
+            except RuntimeError as exc:
+                print("stopped:", exc, flush=True)
+
+        if __name__ == "__main__":
+            threading.Thread(target=live).start()
+            time.sleep(0.3)
+        """
+    out = run_script(source, tmp_path).stdout
+    assert "stopped: the interpreter is shutting down, so no more iterations can start" in out
 
 
 def test_exit_leaves_a_live_loop_of_another_thread_alone(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import functools
 import multiprocessing
 import os
 import threading
+import traceback
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -246,23 +247,27 @@ class _Loop(Protocol):
 
 
 _live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
+_live_loops_lock = threading.Lock()
 
 
 def loop_started(loop: _Loop) -> None:
     """A loop runs: at exit, the pools it uses are left alone (stopping a worker breaks the
     whole pool, and the loop could not resend its chunks once the interpreter shuts down)."""
-    _live_loops.add(loop)
+    with _live_loops_lock:
+        _live_loops.add(loop)
 
 
 def loop_ended(loop: _Loop) -> None:
-    _live_loops.discard(loop)
+    with _live_loops_lock:
+        _live_loops.discard(loop)
 
 
 def abandon(backend: Backend, chunk_ids: list[int]) -> None:
     """A loop ended early (a failure raised, an imap closed or dropped, Ctrl-C in the code
     that consumed it) while these chunks of its may still run: nobody wants their results."""
     with _stopped_lock:
-        _abandoned.setdefault(id(backend.executor), deque(maxlen=1024)).extend(chunk_ids)
+        if id(backend.executor) in _processes_of:  # not a pool already closed and forgotten
+            _abandoned.setdefault(id(backend.executor), deque(maxlen=1024)).extend(chunk_ids)
 
 
 def _stop_abandoned() -> None:
@@ -272,18 +277,25 @@ def _stop_abandoned() -> None:
     threads still use are left alone."""
     if os.getpid() != _hook_pid:
         return  # a forked child's exit: the pools are its parent's
-    busy = {pool for loop in list(_live_loops) for pool in loop.pools_in_use()}
-    with _stopped_lock:
-        abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
-        processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
-    for pool, chunks in abandoned.items():
-        slots = _slots_of.get(pool)
-        if slots is None:
-            continue
-        for pid, running in slots.snapshot().items():
-            process = processes[pool].get(pid)
-            if running.chunk_id in chunks and process is not None and process.exitcode is None:
-                process.kill()
+    try:
+        with _live_loops_lock:
+            loops = list(_live_loops)
+        busy = {pool for loop in loops for pool in loop.pools_in_use()}
+        with _stopped_lock:
+            abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
+            processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
+        for pool, chunks in abandoned.items():
+            slots = _slots_of.get(pool)
+            if slots is None:
+                continue
+            for pid, running in slots.snapshot().items():
+                process = processes[pool].get(pid)
+                if running.chunk_id in chunks and process is not None and process.exitcode is None:
+                    with _stopped_lock:  # no crash, for a loop that would still look
+                        _stopped_of.setdefault(pool, set()).add(pid)
+                    process.kill()
+    except Exception:  # an error here would stop the interpreter from joining its threads
+        traceback.print_exc()
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
@@ -339,6 +351,12 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
     """Shut ``executor`` down exactly once and wait for it; a caller that comes while another
     is closing it waits for that close. (Two concurrent ``shutdown(wait=True)`` calls close the
     same pipe twice, and the second close can hit a descriptor a new pool already reuses.)"""
+    if kill:  # at once, even while another thread is closing the pool (and waits for them)
+        processes = list(_processes_of.get(id(executor), {}).values())
+        with _stopped_lock:  # another loop on this pool must not take these for crashes
+            _stopped_of.setdefault(id(executor), set()).update(p.pid for p in processes if p.pid)
+        for process in processes:
+            process.kill()
     with _closing_lock:
         known = _closing.get(id(executor))
         if known is not None and known[0] is executor:
@@ -353,12 +371,6 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
         done.wait()
         return
     try:
-        if kill:
-            processes = list(_processes_of.get(id(executor), {}).values())
-            with _stopped_lock:  # another loop on this pool must not take these for crashes
-                _stopped_of.setdefault(id(executor), set()).update(p.pid for p in processes if p.pid)
-            for process in processes:
-                process.kill()
         executor.shutdown(wait=True, cancel_futures=True)
     finally:
         done.set()

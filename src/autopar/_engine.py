@@ -55,7 +55,6 @@ from autopar._backends import (
     abandon,
     acquire,
     discard,
-    forget_processes,
     loop_ended,
     loop_started,
     post_mortem,
@@ -151,6 +150,7 @@ class Dispatcher:
         self.chunksize = 0
         self.consumed = 0
         self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
+        self._driver: threading.Thread | None = None
         self.stop_before: int | None = None
         """Set by a consumer that will stop at this index (the first failure under "raise"):
         read no more input, and finish only what comes before it."""
@@ -169,6 +169,7 @@ class Dispatcher:
         loop_started(self)
         try:
             while True:
+                self._driver = threading.current_thread()  # whoever resumed the generator
                 refill = len(in_flight) <= self._refill_at
                 while refill and self._may_send(exhausted):
                     chunk = self._next_chunk()
@@ -216,15 +217,21 @@ class Dispatcher:
                 release(segment, reuse=not in_flight)
 
     def pools_in_use(self) -> set[int]:
-        """Our pools this loop runs on now (by id), read from another thread at exit."""
+        """Our pools this loop runs on now (by id), read at exit from the main thread: none
+        when no thread that could go on with it is left (an imap held, paused, by the main
+        thread, or by a thread that has ended)."""
+        driver = self._driver
+        if driver is None or driver is threading.main_thread() or not driver.is_alive():
+            return set()
         backends = [entry.backend for entry in list(self._in_flight.values())] + [self._backend]
         return {id(backend.executor) for backend in backends if backend is not None and backend.owned}
 
     def interrupt(self) -> None:
         """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
-        if self._backend is not None and self._backend.owned:
-            discard(self._backend.executor, kill=True)
-            forget_processes(self._backend.executor)
+        backend = self._backend
+        if backend is not None and backend.owned:
+            discard(backend.executor, kill=True)
+            post_mortem(backend)  # the report for other loops on it: stopped workers, no crash
 
     # --- sending ---
 
@@ -332,7 +339,12 @@ class Dispatcher:
                     return exc
                 if not replacements:
                     raise
-            except RuntimeError:  # "cannot schedule new futures after shutdown"
+            except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+                if "interpreter shutdown" in str(exc):  # concurrent.futures refuses for good
+                    raise RuntimeError(
+                        "the interpreter is shutting down, so no more iterations can start: a loop in a "
+                        "thread must end before the main thread does (join that thread)"
+                    ) from exc
                 if not backend.owned or not replacements:
                     raise
             replacements -= 1
