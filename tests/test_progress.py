@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 
@@ -20,10 +20,21 @@ def test_progress_bar_counts_every_iteration(capsys: pytest.CaptureFixture[str])
     assert "50/50" in err
 
 
-def test_without_tqdm_a_warning_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
-    with pytest.warns(UserWarning, match=r"progress=True needs tqdm \(pip install tqdm, or autopar's progress extra\)"):
+@pytest.mark.parametrize(
+    ("blocked", "message"),
+    [
+        ("tqdm", r"progress=True needs tqdm \(pip install tqdm, or autopar's progress extra\)"),
+        ("tqdm.auto", r"progress=True could not import tqdm \(import of tqdm.auto halted"),  # a broken install
+    ],
+)
+def test_without_tqdm_a_warning_says_why(monkeypatch: pytest.MonkeyPatch, blocked: str, message: str) -> None:
+    if blocked == "tqdm":  # not installed: nothing on the path, nothing imported yet
+        monkeypatch.setattr(sys, "path", [])
+        for name in [name for name in sys.modules if name.split(".")[0] == "tqdm"]:
+            monkeypatch.delitem(sys.modules, name)
+    else:
+        monkeypatch.setitem(sys.modules, blocked, None)
+    with pytest.warns(UserWarning, match=message):
         bar = progress_bar(True, 10, "f")
     bar.update(3)
     bar.close()

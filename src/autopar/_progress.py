@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from typing import Any, Protocol
 
@@ -26,13 +25,16 @@ def progress_bar(enabled: bool, total: int | None, name: str) -> ProgressBar:
     """A tqdm bar counting iterations when ``enabled``, else a no-op with the same interface."""
     if not enabled:
         return _NoProgress()
-    if importlib.util.find_spec("tqdm") is None:
-        warnings.warn(
-            "progress=True needs tqdm (pip install tqdm, or autopar's progress extra); running without a bar",
-            stacklevel=5,
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # not installed, or broken: a bar is not worth failing the loop
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == "tqdm"
+        why = (
+            "needs tqdm (pip install tqdm, or autopar's progress extra)"
+            if missing
+            else f"could not import tqdm ({exc})"
         )
+        warnings.warn(f"progress=True {why}; running without a bar", stacklevel=5)
         return _NoProgress()
-    from tqdm.auto import tqdm
-
     bar: ProgressBar = tqdm(total=total, desc=name, unit="it")
     return bar
