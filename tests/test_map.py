@@ -198,6 +198,7 @@ class _Concurrency:
     [
         (6, None, 6),  # not two per CPU of this machine: the executor's own capacity
         (8, 2, 2),  # fewer workers than the executor has: that many at a time, as reported
+        (2, 4, 2),  # more than it has: what it runs, reported
     ],
 )
 def test_an_executor_runs_as_many_calls_at_once_as_asked(threads: int, workers: int | None, at_once: int) -> None:

@@ -117,6 +117,9 @@ class Dispatcher:
         self._backend: Backend | None = acquire(options)
         self.in_process = self._backend.in_process
         self.workers = 1 if options.backend == "serial" else options.workers or 1
+        capacity = executor_capacity(options.backend) if isinstance(options.backend, Executor) else None
+        if capacity is not None and capacity < self.workers:
+            self.workers = capacity  # an executor runs no more than it has, whatever was asked
         # In-process serial runs one iteration at a time, interleaved with its consumer, like
         # the old loop: chunks buy nothing without a process boundary to amortize. Workers
         # replaced every N iterations need chunks of a known size.
@@ -130,7 +133,6 @@ class Dispatcher:
         # Refill the window only once a worker's worth of chunks has come back: every
         # submission wakes the executor's threads, and one wake-up can carry several chunks.
         self._refill_at = max(self._window - self.workers, 0)
-        capacity = executor_capacity(options.backend) if isinstance(options.backend, Executor) else None
         if capacity is not None and capacity > self.workers:
             # An executor with more workers would run every chunk in flight at once: to run
             # `workers` iterations at a time, keep only that many chunks in flight.
