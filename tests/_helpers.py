@@ -418,3 +418,13 @@ def fail_slow_then_fast(x: int) -> int:
     if x == 5:
         raise ValueError("bad row in input_5.csv")
     return x
+
+
+SHARED_ERROR = LookupError("not found")
+
+
+def raise_shared_on_odd(x: int) -> int:
+    """Raises the same exception object at every odd x, as code with a prebuilt error does."""
+    if x % 2:
+        raise SHARED_ERROR
+    return x

@@ -21,6 +21,7 @@ from _helpers import (
     raise_base,
     raise_needs_two,
     raise_refuses_pickling,
+    raise_shared_on_odd,
     raise_unpicklable,
     return_breaks_on_load,
     return_lock,
@@ -284,6 +285,13 @@ def test_ctrl_c_in_a_serial_loop_stops_it() -> None:
         for value in parallel_loop(interrupted, backend="serial", on_error="collect").imap(range(5)):
             ran.append(value)
     assert ran == [0, 1]
+
+
+def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_note(backend: dict[str, Any]) -> None:
+    res = parallel_loop(raise_shared_on_odd, on_error="collect", **backend).map(range(6))
+    notes = [failure.exception.__notes__ for failure in res.failures]
+    assert [note[-1:] for note in notes] == [[f"iteration {i}: raise_shared_on_odd({i})"] for i in (1, 3, 5)]
+    assert all(len(note) == len(notes[0]) for note in notes), "notes of other iterations piled up"
 
 
 def test_exceptions_round_trip_through_pickle() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from autopar._engine import Dispatcher, Loop
-from autopar._errors import RemoteTraceback, add_iteration_note, set_attribute
+from autopar._errors import RemoteTraceback, add_iteration_note, fresh_copy, set_attribute
 from autopar._progress import progress_bar
 from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
@@ -92,7 +92,9 @@ class _Collector:
 
     def _failure(self, call: Call, failed: Failed) -> Failure:
         index, args = call
-        exc = failed.exception
+        # In-process, the exception is the very object the code raised, which may be raised
+        # again (a prebuilt one): note a copy, and leave the user's object as it was.
+        exc = failed.exception if self.remote else fresh_copy(failed.exception)
         kwargs = dict(self.dispatcher.loop.broadcast)
         note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"
         if failed.attempts > 1:

@@ -35,7 +35,6 @@ chunks that have not started; Ctrl-C also kills autopar's own worker processes.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import queue
 import signal
@@ -60,7 +59,7 @@ from autopar._backends import (
     post_mortem,
 )
 from autopar._chunking import ChunkSizer
-from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed
+from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed, fresh_copy
 from autopar._options import Options, executor_capacity
 from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
@@ -476,7 +475,7 @@ class Dispatcher:
         return self._settle(chunk, values, failed, result.seconds)
 
     def _chunk_failed(self, chunk: Calls, exc: BaseException, tb_text: str) -> Batch:
-        failed = {position: Failed(index, _fresh(exc), tb_text) for position, (index, _) in enumerate(chunk)}
+        failed = {position: Failed(index, fresh_copy(exc), tb_text) for position, (index, _) in enumerate(chunk)}
         return self._settle(chunk, None, failed, 0.0)
 
     def _settle(self, chunk: Calls, values: list[Any] | None, failed: dict[int, Failed], seconds: float) -> Batch:
@@ -653,15 +652,3 @@ def _size(payload: Payload) -> int:
     """Bytes a payload moves: its pickle (inline or in shared memory) and its buffers."""
     in_segment = payload.pickle_span[1] if payload.pickle_span is not None else 0
     return len(payload.data) + in_segment + sum(length for _, length in payload.spans)
-
-
-def _fresh(exc: BaseException) -> BaseException:
-    """A copy of a chunk-wide exception for one iteration, so that notes do not pile up."""
-    try:
-        fresh = copy.copy(exc)
-    except Exception:
-        return exc
-    if hasattr(fresh, "__notes__"):
-        fresh.__notes__ = list(fresh.__notes__)
-    fresh.__cause__, fresh.__traceback__ = exc.__cause__, exc.__traceback__
-    return fresh

@@ -17,6 +17,7 @@ Every class here survives a pickle round-trip: its fields are rebuilt from ``sel
 
 from __future__ import annotations
 
+import copy
 import signal
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "SerializationError",
     "WorkerCrashed",
     "add_iteration_note",
+    "fresh_copy",
     "set_attribute",
 ]
 
@@ -110,6 +112,20 @@ def set_attribute(exc: BaseException, name: str, value: Any) -> None:
         setattr(exc, name, value)
     except Exception:
         object.__setattr__(exc, name, value)
+
+
+def fresh_copy(exc: BaseException) -> BaseException:
+    """A copy of an exception that several iterations share (one a whole chunk failed with,
+    or one object raised again and again), so that each gets only its own note; the
+    exception itself when it cannot be copied."""
+    try:
+        fresh = copy.copy(exc)
+    except Exception:
+        return exc
+    if hasattr(fresh, "__notes__"):
+        fresh.__notes__ = list(fresh.__notes__)
+    fresh.__cause__, fresh.__traceback__ = exc.__cause__, exc.__traceback__
+    return fresh
 
 
 def add_iteration_note(exc: BaseException, note: str) -> None:
