@@ -135,6 +135,13 @@ def test_bytes_received_count_the_pickled_results() -> None:
     assert 8 * 64 * 1024 <= big.stats.bytes_received < 8 * 64 * 1024 + 4096
 
 
+def test_pickle_time_is_what_this_process_spent_pickling() -> None:
+    """Measured around packing the arguments and unpickling the results; none in-process."""
+    res = parallel_loop(kib_of_zeros, workers=2).map([64] * 8)
+    assert 0 < res.stats.pickle_time < res.stats.wall_time
+    assert parallel_loop(kib_of_zeros, workers=2, backend="thread").map([64] * 8).stats.pickle_time == 0
+
+
 def test_big_results_keep_chunks_small() -> None:
     """A chunk's results count toward its byte budget, however cheap the iterations: an imap
     over many big results holds a bounded amount (the chunk grew to 64, 256 MiB, before)."""

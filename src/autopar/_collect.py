@@ -123,6 +123,7 @@ class _Collector:
             bytes_sent=self.dispatcher.bytes_sent,
             bytes_received=self.dispatcher.bytes_received,
             failed=len(self.failures),
+            pickle_time=self.dispatcher.pickle_seconds,
         )
 
     def raise_first(self, failure: Failure) -> None:

@@ -160,6 +160,7 @@ class Dispatcher:
         before, then raises it."""
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.pickle_seconds = 0.0  # in this process: arguments pickled, results unpickled
 
     def batches(self) -> Generator[Batch, None, None]:
         """Run the loop, yielding each finished chunk's iterations (completion order)."""
@@ -289,6 +290,7 @@ class Dispatcher:
             # The function and keyword arguments first: if they cannot be pickled, no chunk
             # ever can, and no segment of this chunk is left behind.
             function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+            started = time.perf_counter()
             try:
                 payload, segment = pack(chunk, shared=backend.local)
             except Exception:
@@ -301,6 +303,7 @@ class Dispatcher:
                 if not chunk:
                     return None, None, refused
                 payload, segment = pack(chunk, shared=backend.local)
+            self.pickle_seconds += time.perf_counter() - started
             nbytes = _size(payload)
             self.bytes_sent += nbytes + len(function.data) + len(broadcast.data)
             task = Chunk(
@@ -467,9 +470,11 @@ class Dispatcher:
             blobs = result.values
             received = len(blobs) if isinstance(blobs, bytes) else sum(map(len, blobs))
             self.bytes_received += received
+            started = time.perf_counter()
             values, failed = decode_values(result.values, chunk)
             for position, wire in result.errors.items():
                 failed[position] = decode_error(chunk[position][0], wire)
+            self.pickle_seconds += time.perf_counter() - started
         # Big results bound the chunk too: the worker, the pipe and an imap buffer hold them.
         self._sizer.record(len(chunk), result.seconds, entry.nbytes + received)
         return self._settle(chunk, values, failed, result.seconds)

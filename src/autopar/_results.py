@@ -11,7 +11,8 @@ __all__ = ["Failure", "LoopResult", "LoopStats", "describe_call"]
 
 R = TypeVar("R")
 
-_PICKLE_BYTES_PER_SECOND = 1e9  # pickling and copying, both ways, roughly
+_PICKLE_BYTES_PER_SECOND = 1e9  # pickling and copying big buffers, both ways, roughly
+_PICKLING_SHARE = 0.25  # of the wall time spent pickling here, beyond which that is the limit
 
 
 def _seconds(value: float) -> str:
@@ -77,6 +78,9 @@ class LoopStats:
     failed: int = 0
     """Iterations that failed (counted in ``iterations``; a timed-out or crashed one adds no
     ``busy_time``)."""
+    pickle_time: float = 0.0
+    """Seconds this process spent pickling arguments and unpickling results (the workers
+    spend about as much on their side)."""
 
     @property
     def summary(self) -> str:
@@ -97,8 +101,14 @@ class LoopStats:
             head += f" ({self.failed:,} failed)"
         if self.workers == 1:
             return f"{head}: ran serially ({_seconds(self.wall_time)} in all)."
-        if moved / _PICKLE_BYTES_PER_SECOND > mean:
-            verdict = "the serial loop would be faster" if self.speedup < 1 else "speedup is limited"
+        verdict = "the serial loop would be faster" if self.speedup < 1 else "speedup is limited"
+        if self.pickle_time > _PICKLING_SHARE * self.wall_time:  # measured: many small objects
+            return (
+                f"{head}: this process spent {self.pickle_time / self.wall_time:.0%} of the loop pickling "
+                f"arguments and unpickling results ({_size(moved)} per iteration): serialization-bound, "
+                f"{verdict}; pass and return less (file names, indices, summaries)."
+            )
+        if moved / _PICKLE_BYTES_PER_SECOND > mean:  # estimated: the workers pay it too
             return (
                 f"{head}: arguments and results are {_size(moved)} per {_seconds(mean)} iteration: "
                 f"serialization-bound, {verdict}; pass smaller arguments (file names, indices)."
