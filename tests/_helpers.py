@@ -428,3 +428,23 @@ def raise_shared_on_odd(x: int) -> int:
     if x % 2:
         raise SHARED_ERROR
     return x
+
+
+
+class ParseError(Exception):
+    """An exception whose ``__init__`` formats its message (built again, it would say it twice)."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"bad line {line}")
+        self.line = line
+
+
+def raise_odd_exceptions(x: int) -> int:
+    """0: a message formatted by __init__; 1: raised while handling a KeyError."""
+    if x == 0:
+        raise ParseError(7)
+    try:
+        {}["k"]
+    except KeyError:
+        raise ValueError("while handling")  # noqa: B904  (the implicit context is the point)
+    return x

@@ -20,6 +20,7 @@ from _helpers import (
     fail_slow_then_fast,
     raise_base,
     raise_needs_two,
+    raise_odd_exceptions,
     raise_refuses_pickling,
     raise_shared_on_odd,
     raise_unpicklable,
@@ -214,12 +215,18 @@ def test_frozen_exceptions_get_their_note_and_partial_result(backend: dict[str, 
     class Frozen(Exception):
         code: int
 
+    @dataclass(frozen=True)
+    class Bare(Exception):  # no fields: copy.copy succeeds, then setting __cause__ is refused
+        pass
+
     def boom(x: int) -> int:
-        raise Frozen(x)
+        raise Frozen(x) if x else Bare()
 
     with pytest.raises(Frozen) as info:
         parallel_loop(boom, **backend).map([4])
     assert info.value.__notes__[0].startswith("iteration 0: ")
+    res = parallel_loop(boom, on_error="collect", **backend).map([0, 4])
+    assert [type(f.exception) for f in res.failures] == [Bare, Frozen]
     assert isinstance(info.value.partial_result, LoopResult)  # type: ignore[attr-defined]
 
 
@@ -292,6 +299,18 @@ def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_not
     notes = [failure.exception.__notes__ for failure in res.failures]
     assert [note[-1:] for note in notes] == [[f"iteration {i}: raise_shared_on_odd({i})"] for i in (1, 3, 5)]
     assert all(len(note) == len(notes[0]) for note in notes), "notes of other iterations piled up"
+
+
+def test_an_exception_keeps_its_message_and_context(backend: dict[str, Any]) -> None:
+    """What the iteration raised, as it was: a message its __init__ formatted (not formatted
+    twice), and the exception it was raised while handling."""
+    res = parallel_loop(raise_odd_exceptions, on_error="collect", **backend).map([0, 1])
+    parse, handled = (failure.exception for failure in res.failures)
+    assert str(parse) == "bad line 7" and parse.line == 7  # type: ignore[attr-defined]
+    if backend["backend"] == "process":  # the context stayed in the worker: its traceback says it
+        assert "KeyError" in res.failures[1].traceback and "During handling" in res.failures[1].traceback
+    else:
+        assert isinstance(handled.__context__, KeyError)
 
 
 def test_exceptions_round_trip_through_pickle() -> None:

@@ -89,6 +89,10 @@ def test_stats_derive_speedup_and_efficiency() -> None:
         (LoopStats(1.0, 1.0, 10, 1, 1), "10 iterations averaging 100 ms on 1 worker: ran serially"),
         (LoopStats(0.0, 0.0, 0, 2, 0), "no iterations ran."),
         (LoopStats(0.4, 0.0, 4, 2, 1, failed=4), "4 of 4 iterations failed: see the failures first"),
+        (  # the parent pickles for every worker at once: busy workers mean it keeps up
+            LoopStats(1.0, 7.7, 800, 8, 10, bytes_sent=16_000_000, pickle_time=0.31),
+            "800 iterations averaging 9.62 ms on 8 workers: compute-bound and well balanced",
+        ),
         (
             LoopStats(0.4, 0.2, 100, 2, 50, bytes_received=1_500_000, pickle_time=0.2),
             "this process spent 50% of the loop pickling arguments and unpickling results (15 kB per iteration)",

@@ -17,7 +17,6 @@ Every class here survives a pickle round-trip: its fields are rebuilt from ``sel
 
 from __future__ import annotations
 
-import copy
 import signal
 from typing import Any
 
@@ -115,16 +114,28 @@ def set_attribute(exc: BaseException, name: str, value: Any) -> None:
 
 
 def fresh_copy(exc: BaseException) -> BaseException:
-    """A copy of an exception that several iterations share (one a whole chunk failed with,
-    or one object raised again and again), so that each gets only its own note; the
-    exception itself when it cannot be copied."""
+    """A copy of an exception that several iterations may share (one a whole chunk failed
+    with, or the very object the user's code raised, and may raise again), so that each gets
+    only its own note; the exception itself when it cannot be copied.
+
+    Built without calling ``__init__`` (one that formats its message would format it twice)
+    or the class's ``__setattr__`` (a frozen dataclass refuses it), as unpickling does."""
+    cls = type(exc)
     try:
-        fresh = copy.copy(exc)
+        fresh = cls.__new__(cls, *exc.args)
+        object.__setattr__(fresh, "args", exc.args)
+        if hasattr(exc, "__dict__"):
+            vars(fresh).update(vars(exc))
+        for klass in cls.__mro__:
+            for name in getattr(klass, "__slots__", ()):
+                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                    object.__setattr__(fresh, name, getattr(exc, name))
+        for name in ("__cause__", "__context__", "__suppress_context__", "__traceback__"):
+            object.__setattr__(fresh, name, getattr(exc, name))
+        if hasattr(exc, "__notes__"):
+            vars(fresh)["__notes__"] = list(exc.__notes__)
     except Exception:
         return exc
-    if hasattr(fresh, "__notes__"):
-        fresh.__notes__ = list(fresh.__notes__)
-    fresh.__cause__, fresh.__traceback__ = exc.__cause__, exc.__traceback__
     return fresh
 
 

@@ -102,6 +102,8 @@ class LoopStats:
         if self.workers == 1:
             return f"{head}: ran serially ({_seconds(self.wall_time)} in all)."
         verdict = "the serial loop would be faster" if self.speedup < 1 else "speedup is limited"
+        if self.efficiency >= 0.8:
+            return f"{head}: compute-bound and well balanced, {self.speedup:.1f}x ({self.efficiency:.0%} efficiency)."
         if self.pickle_time > _PICKLING_SHARE * self.wall_time:  # measured: many small objects
             return (
                 f"{head}: this process spent {self.pickle_time / self.wall_time:.0%} of the loop pickling "
@@ -113,8 +115,6 @@ class LoopStats:
                 f"{head}: arguments and results are {_size(moved)} per {_seconds(mean)} iteration: "
                 f"serialization-bound, {verdict}; pass smaller arguments (file names, indices)."
             )
-        if self.efficiency >= 0.8:
-            return f"{head}: compute-bound and well balanced, {self.speedup:.1f}x ({self.efficiency:.0%} efficiency)."
         if self.iterations < 2 * self.workers:
             return f"{head}: too few iterations to keep {self.workers} workers busy ({self.efficiency:.0%} efficiency)."
         if mean < 1e-3:

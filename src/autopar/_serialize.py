@@ -206,13 +206,15 @@ def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], 
 def encode_error(exc: BaseException, tb_text: str) -> WireError:
     """Describe an exception for the trip home, pickled so that it can come back as itself.
 
-    An exception that pickles but does not unpickle (an ``__init__`` with two required
-    arguments, a frozen dataclass) travels as its class, ``args`` and ``__dict__`` instead.
+    An exception that pickles but does not unpickle as itself (an ``__init__`` with two
+    required arguments, or one that formats its message, a frozen dataclass) travels as its
+    class, ``args`` and ``__dict__`` instead, rebuilt without calling ``__init__``.
     """
     payload: bytes | None = None
     try:
         payload = encode_value(exc)
-        loads(payload)
+        if loads(payload).args != exc.args:  # an __init__ that formats its message: twice now
+            raise ValueError("the exception unpickles with other arguments")
     except Exception:
         try:
             payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc))))
