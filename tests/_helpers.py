@@ -440,9 +440,14 @@ class ParseError(Exception):
 
 
 def raise_odd_exceptions(x: int) -> int:
-    """0: a message formatted by __init__; 1: raised while handling a KeyError."""
+    """0: a message formatted by __init__; 1: raised while handling a KeyError; 2 and 3: state
+    kept in C fields (a file name, a decoding position)."""
     if x == 0:
         raise ParseError(7)
+    if x == 2:
+        raise FileNotFoundError(2, "missing", "input.csv")
+    if x == 3:
+        b"\xff".decode("utf-8")
     try:
         {}["k"]
     except KeyError:

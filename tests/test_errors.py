@@ -304,9 +304,11 @@ def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_not
 def test_an_exception_keeps_its_message_and_context(backend: dict[str, Any]) -> None:
     """What the iteration raised, as it was: a message its __init__ formatted (not formatted
     twice), and the exception it was raised while handling."""
-    res = parallel_loop(raise_odd_exceptions, on_error="collect", **backend).map([0, 1])
-    parse, handled = (failure.exception for failure in res.failures)
+    res = parallel_loop(raise_odd_exceptions, on_error="collect", **backend).map([0, 1, 2, 3])
+    parse, handled, missing, undecodable = (failure.exception for failure in res.failures)
     assert str(parse) == "bad line 7" and parse.line == 7  # type: ignore[attr-defined]
+    assert missing.filename == "input.csv" and str(missing) == "[Errno 2] missing: 'input.csv'"  # type: ignore[attr-defined]
+    assert "can't decode byte 0xff in position 0" in str(undecodable)
     if backend["backend"] == "process":  # the context stayed in the worker: its traceback says it
         assert "KeyError" in res.failures[1].traceback and "During handling" in res.failures[1].traceback
     else:

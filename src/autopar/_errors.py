@@ -17,6 +17,7 @@ Every class here survives a pickle round-trip: its fields are rebuilt from ``sel
 
 from __future__ import annotations
 
+import copy
 import signal
 from typing import Any
 
@@ -116,26 +117,42 @@ def set_attribute(exc: BaseException, name: str, value: Any) -> None:
 def fresh_copy(exc: BaseException) -> BaseException:
     """A copy of an exception that several iterations may share (one a whole chunk failed
     with, or the very object the user's code raised, and may raise again), so that each gets
-    only its own note; the exception itself when it cannot be copied.
-
-    Built without calling ``__init__`` (one that formats its message would format it twice)
-    or the class's ``__setattr__`` (a frozen dataclass refuses it), as unpickling does."""
-    cls = type(exc)
-    try:
-        fresh = cls.__new__(cls, *exc.args)
-        object.__setattr__(fresh, "args", exc.args)
-        if hasattr(exc, "__dict__"):
-            vars(fresh).update(vars(exc))
-        for klass in cls.__mro__:
-            for name in getattr(klass, "__slots__", ()):
-                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
-                    object.__setattr__(fresh, name, getattr(exc, name))
+    only its own note; the exception itself when it cannot be copied."""
+    fresh = _copy_of(exc)
+    if fresh is None:
+        return exc
+    try:  # past the class's __setattr__, which a frozen dataclass uses to refuse
         for name in ("__cause__", "__context__", "__suppress_context__", "__traceback__"):
             object.__setattr__(fresh, name, getattr(exc, name))
         if hasattr(exc, "__notes__"):
             vars(fresh)["__notes__"] = list(exc.__notes__)
     except Exception:
         return exc
+    return fresh
+
+
+def _copy_of(exc: BaseException) -> BaseException | None:
+    """The exception rebuilt as pickling would (which keeps what lives in C fields: an
+    OSError's file name, a UnicodeError's position), unless that changes it (an ``__init__``
+    that formats its message formats it twice); else from its class, ``args`` and
+    attributes, without ``__init__``."""
+    try:
+        fresh = copy.copy(exc)
+        if fresh.args == exc.args and str(fresh) == str(exc):
+            return fresh
+    except Exception:
+        pass
+    cls = type(exc)
+    try:
+        fresh = cls.__new__(cls, *exc.args)
+        object.__setattr__(fresh, "args", exc.args)
+        vars(fresh).update(vars(exc))
+        for klass in cls.__mro__:
+            for name in getattr(klass, "__slots__", ()):
+                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                    object.__setattr__(fresh, name, getattr(exc, name))
+    except Exception:
+        return None
     return fresh
 
 
