@@ -420,15 +420,6 @@ def fail_slow_then_fast(x: int) -> int:
     return x
 
 
-SHARED_ERROR = LookupError("not found")
-
-
-def raise_shared_on_odd(x: int) -> int:
-    """Raises the same exception object at every odd x, as code with a prebuilt error does."""
-    if x % 2:
-        raise SHARED_ERROR
-    return x
-
 
 
 class ParseError(Exception):
@@ -453,3 +444,34 @@ def raise_odd_exceptions(x: int) -> int:
     except KeyError:
         raise ValueError("while handling")  # noqa: B904  (the implicit context is the point)
     return x
+
+
+class MissingFile(OSError):
+    """An OSError subclass with its own __init__: errno and file name live in C fields."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(2, f"missing {path}", path)
+
+
+class ConfigSyntaxError(SyntaxError):
+    def __init__(self, line: int) -> None:
+        super().__init__(f"bad at {line}", ("cfg.ini", line, 3, "a = = b\n"))
+
+
+class Residual(ArithmeticError):
+    __slots__ = ("residual",)
+
+    def __init__(self, residual: float) -> None:
+        super().__init__(residual)
+        self.residual = residual
+
+
+def raise_with_fields(kind: str) -> None:
+    """Exceptions that keep their state outside args and __dict__."""
+    if kind == "oserror":
+        raise MissingFile("p.txt")
+    if kind == "syntax":
+        raise ConfigSyntaxError(5)
+    if kind == "stop_nan":
+        raise StopIteration(float("nan"))
+    raise Residual(float("nan"))

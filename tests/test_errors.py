@@ -22,8 +22,8 @@ from _helpers import (
     raise_needs_two,
     raise_odd_exceptions,
     raise_refuses_pickling,
-    raise_shared_on_odd,
     raise_unpicklable,
+    raise_with_fields,
     return_breaks_on_load,
     return_lock,
     square,
@@ -295,10 +295,29 @@ def test_ctrl_c_in_a_serial_loop_stops_it() -> None:
 
 
 def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_note(backend: dict[str, Any]) -> None:
-    res = parallel_loop(raise_shared_on_odd, on_error="collect", **backend).map(range(6))
+    prebuilt = LookupError("not found")
+
+    def find(x: int) -> int:
+        if x % 2:
+            raise prebuilt
+        return x
+
+    res = parallel_loop(find, on_error="collect", **backend).map(range(6))
     notes = [failure.exception.__notes__ for failure in res.failures]
-    assert [note[-1:] for note in notes] == [[f"iteration {i}: raise_shared_on_odd({i})"] for i in (1, 3, 5)]
-    assert all(len(note) == len(notes[0]) for note in notes), "notes of other iterations piled up"
+    assert notes == [[f"iteration {i}: {find.__qualname__}({i})"] for i in (1, 3, 5)]
+    assert [type(failure.exception) for failure in res.failures] == [LookupError] * 3
+
+
+def test_an_iterations_exception_is_the_object_it_raised_in_process() -> None:
+    """Identity, and all it holds (no copy, no __init__ run again), as with concurrent.futures."""
+    raised: list[BaseException] = []
+
+    def boom(x: int) -> int:
+        raised.append(MemoryError(x))
+        raise raised[-1]
+
+    res = parallel_loop(boom, backend="thread", workers=2, on_error="collect").map(range(3))
+    assert all(any(failure.exception is exc for exc in raised) for failure in res.failures)
 
 
 def test_an_exception_keeps_its_message_and_context(backend: dict[str, Any]) -> None:
@@ -313,6 +332,19 @@ def test_an_exception_keeps_its_message_and_context(backend: dict[str, Any]) -> 
         assert "KeyError" in res.failures[1].traceback and "During handling" in res.failures[1].traceback
     else:
         assert isinstance(handled.__context__, KeyError)
+
+
+def test_exceptions_keep_their_fields(backend: dict[str, Any]) -> None:
+    """State kept outside args and __dict__ (C fields, __slots__) survives, also when a NaN
+    argument makes the worker's exception unequal to its own unpickled copy."""
+    import math
+
+    calc = parallel_loop(raise_with_fields, on_error="collect", **backend)
+    res = calc.map(["oserror", "syntax", "stop_nan", "slots_nan"])
+    missing, syntax, stop, residual = (failure.exception for failure in res.failures)
+    assert (missing.errno, missing.filename, str(missing)) == (2, "p.txt", "[Errno 2] missing p.txt: 'p.txt'")  # type: ignore[attr-defined]
+    assert (syntax.msg, syntax.filename, syntax.lineno, syntax.offset) == ("bad at 5", "cfg.ini", 5, 3)  # type: ignore[attr-defined]
+    assert math.isnan(stop.value) and math.isnan(residual.residual)  # type: ignore[attr-defined]
 
 
 def test_exceptions_round_trip_through_pickle() -> None:

@@ -75,6 +75,7 @@ class _Collector:
         self.values = _Runs()
         self.iterations = 0
         self.failures: list[Failure] = []
+        self._noted: dict[int, tuple[BaseException, list[str]]] = {}  # by id: and its notes before ours
         self.busy_time = 0.0
         self.started = time.perf_counter()
         self.remote = not dispatcher.in_process
@@ -92,9 +93,13 @@ class _Collector:
 
     def _failure(self, call: Call, failed: Failed) -> Failure:
         index, args = call
-        # In-process, the exception is the very object the code raised, which may be raised
-        # again (a prebuilt one): note a copy, and leave the user's object as it was.
-        exc = failed.exception if self.remote else fresh_copy(failed.exception)
+        exc = failed.exception
+        seen = self._noted.get(id(exc))
+        if seen is not None:  # in-process, the very object raised again (a prebuilt one):
+            exc = fresh_copy(exc)  # a copy, with the notes it had before another iteration's
+            set_attribute(exc, "__notes__", list(seen[1]))
+        else:
+            self._noted[id(exc)] = (exc, list(getattr(exc, "__notes__", ())))
         kwargs = dict(self.dispatcher.loop.broadcast)
         note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"
         if failed.attempts > 1:

@@ -17,8 +17,10 @@ Every class here survives a pickle round-trip: its fields are rebuilt from ``sel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import signal
+import types
 from typing import Any
 
 __all__ = [
@@ -30,8 +32,10 @@ __all__ = [
     "SerializationError",
     "WorkerCrashed",
     "add_iteration_note",
+    "exception_fields",
     "fresh_copy",
     "set_attribute",
+    "set_fields",
 ]
 
 
@@ -132,13 +136,13 @@ def fresh_copy(exc: BaseException) -> BaseException:
 
 
 def _copy_of(exc: BaseException) -> BaseException | None:
-    """The exception rebuilt as pickling would (which keeps what lives in C fields: an
-    OSError's file name, a UnicodeError's position), unless that changes it (an ``__init__``
-    that formats its message formats it twice); else from its class, ``args`` and
-    attributes, without ``__init__``."""
+    """The exception rebuilt as pickling would, unless that changes it (an ``__init__`` that
+    formats its message formats it twice); else from its class, ``args`` and attributes,
+    without ``__init__``. Either way with its `exception_fields`."""
     try:
         fresh = copy.copy(exc)
         if fresh.args == exc.args and str(fresh) == str(exc):
+            set_fields(fresh, exception_fields(exc))
             return fresh
     except Exception:
         pass
@@ -147,13 +151,35 @@ def _copy_of(exc: BaseException) -> BaseException | None:
         fresh = cls.__new__(cls, *exc.args)
         object.__setattr__(fresh, "args", exc.args)
         vars(fresh).update(vars(exc))
-        for klass in cls.__mro__:
-            for name in getattr(klass, "__slots__", ()):
-                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
-                    object.__setattr__(fresh, name, getattr(exc, name))
+        set_fields(fresh, exception_fields(exc))
     except Exception:
         return None
     return fresh
+
+
+def exception_fields(exc: BaseException) -> dict[str, Any]:
+    """What an exception holds outside ``args`` and ``__dict__``: the C fields of builtin
+    exceptions (an OSError's errno and file name, a SyntaxError's location, a UnicodeError's
+    position, StopIteration.value, AttributeError.name) and ``__slots__``."""
+    fields: dict[str, Any] = {}
+    for klass in reversed(type(exc).__mro__):
+        for name, member in vars(klass).items():
+            if not isinstance(member, types.MemberDescriptorType) or name in ("__dict__", "__weakref__"):
+                continue
+            try:
+                value = member.__get__(exc, type(exc))
+            except AttributeError:  # a slot never set
+                continue
+            if value is not None or klass.__module__ != "builtins":  # None: a C field never set
+                fields[name] = value
+    return fields
+
+
+def set_fields(exc: BaseException, fields: dict[str, Any]) -> None:
+    """Set `exception_fields` on a rebuilt exception, past its class's ``__setattr__``."""
+    for name, value in fields.items():
+        with contextlib.suppress(AttributeError, TypeError):  # a read-only member: keep its own
+            object.__setattr__(exc, name, value)
 
 
 def add_iteration_note(exc: BaseException, note: str) -> None:

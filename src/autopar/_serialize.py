@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from autopar._errors import RemoteError, SerializationError
+from autopar._errors import RemoteError, SerializationError, exception_fields, set_fields
 from autopar._records import Call, Calls, Failed, WireError
 
 __all__ = [
@@ -213,11 +213,13 @@ def encode_error(exc: BaseException, tb_text: str) -> WireError:
     payload: bytes | None = None
     try:
         payload = encode_value(exc)
-        if loads(payload).args != exc.args:  # an __init__ that formats its message: twice now
+        # An __init__ that formats its message formats it twice now. (Compared as pickles: a
+        # NaN, or an object without __eq__, never equals its copy.)
+        if dumps(loads(payload).args) != dumps(exc.args):
             raise ValueError("the exception unpickles with other arguments")
     except Exception:
         try:
-            payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc))))
+            payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc)), exception_fields(exc)))
         except Exception:
             payload = None
     return WireError(payload, _type_name(type(exc)), _text_of(exc), tb_text)
@@ -226,14 +228,17 @@ def encode_error(exc: BaseException, tb_text: str) -> WireError:
 class _ExceptionParts:
     """An exception rebuilt without calling its ``__init__`` or ``__setattr__``."""
 
-    def __init__(self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> None:
-        self.cls, self.args, self.state = cls, args, state
+    def __init__(
+        self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any], fields: dict[str, Any]
+    ) -> None:
+        self.cls, self.args, self.state, self.fields = cls, args, state, fields
 
     def rebuild(self) -> BaseException:
         exc = self.cls.__new__(self.cls, *self.args)
         object.__setattr__(exc, "args", self.args)
         for name, value in self.state.items():
             object.__setattr__(exc, name, value)
+        set_fields(exc, self.fields)
         return exc
 
 
