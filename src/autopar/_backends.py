@@ -143,7 +143,7 @@ def _scatter_of(executor: Executor) -> Callable[[Any], Any] | None:
     worker once, and resolves a reference to it in a call's arguments."""
     client = getattr(executor, "_client", None)
     scatter = getattr(client, "scatter", None)
-    if not callable(scatter) or getattr(client, "asynchronous", False):  # async: a coroutine
+    if not callable(scatter):
         return None
 
     def place(obj: Any) -> Any:  # in a list: a tuple would be scattered field by field
