@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import Scaler, broadcast_sum, fail_on, kib_of_zeros, sleep_then, square, three_outputs, whoami
+from _helpers import Scaler, fail_on, kib_of_zeros, sleep_then, square, three_outputs, whoami
 from autopar import LoopResult, parallel_loop
 from autopar._backends import SerialExecutor
 from autopar._chunking import CHUNK_BYTES, MAX_CHUNK
@@ -214,20 +214,6 @@ def test_an_executor_runs_as_many_calls_at_once_as_asked(threads: int, workers: 
         res = parallel_loop(busy, backend=executor, workers=workers, chunksize=1).map(range(4 * threads))
     assert list(res) == list(range(4 * threads))
     assert res.stats.workers == at_once and busy.peak == at_once
-
-
-def test_a_dask_executor_gets_the_function_and_keywords_once() -> None:
-    """Placed on every worker once (client.scatter), not sent with every chunk."""
-    distributed = pytest.importorskip("distributed")
-    np = pytest.importorskip("numpy")
-    table = np.arange(1_000_000, dtype=float)  # 8 MB
-    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
-        calc = parallel_loop(broadcast_sum, backend=client.get_executor(), chunksize=1)
-        res = calc.map(range(6), table=table)
-        assert list(res) == [float(i) for i in range(6)]
-        assert table.nbytes <= res.stats.bytes_sent < 1.5 * table.nbytes
-        failed = calc.options(on_error="collect").map([0, 10**7], table=table)
-        assert failed[0] == 0.0 and isinstance(failed.failures[0].exception, IndexError)
 
 
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:

@@ -80,9 +80,6 @@ class Backend:
     slots: WorkerSlots | None = None
     """What each worker runs (autopar's process pools only): lets a crash or timeout be blamed
     on one iteration, and a worker be killed."""
-    scatter: Callable[[Any], Any] | None = None
-    """Sends an object to every worker once and returns a reference that calls may take as an
-    argument in its place (a Dask client's executor: ``client.scatter``)."""
 
     def kill_worker(self, pid: int, grace: float) -> bool:
         """Stop one worker: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds.
@@ -125,7 +122,7 @@ def acquire(options: Options) -> Backend:
     if isinstance(backend, Executor):
         in_process = isinstance(backend, ThreadPoolExecutor | SerialExecutor)
         local = isinstance(backend, ProcessPoolExecutor)
-        return Backend(backend, in_process, False, workers, local, scatter=_scatter_of(backend))
+        return Backend(backend, in_process=in_process, owned=False, workers=workers, local=local)
     if backend == "serial":
         _initialize_here(options)
         return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
@@ -136,20 +133,6 @@ def acquire(options: Options) -> Backend:
     key = ("process", workers, options.start_method, *_initializer_key(options), _tasks_per_child(options))
     executor = _cached(key, lambda: _make_process_pool(options, workers))
     return Backend(executor, False, True, workers, local=True, slots=_slots_of.get(id(executor)))
-
-
-def _scatter_of(executor: Executor) -> Callable[[Any], Any] | None:
-    """A Dask client's executor (``client.get_executor()``) can place an object on every
-    worker once, and resolves a reference to it in a call's arguments."""
-    client = getattr(executor, "_client", None)
-    scatter = getattr(client, "scatter", None)
-    if not callable(scatter):
-        return None
-
-    def place(obj: Any) -> Any:  # in a list: a tuple would be scattered field by field
-        return scatter([obj], broadcast=True, hash=False)[0]
-
-    return place
 
 
 _initialized_here: set[tuple[Any, ...]] = set()

@@ -147,7 +147,6 @@ class Dispatcher:
         self._loop_id = uuid.uuid4().hex
         self._loop_token = next(_loop_tokens)
         self._wire: tuple[str, Payload, str, Payload] | None = None
-        self._wire_refs: list[Any] = []  # the function and broadcast, placed on the workers
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
@@ -318,7 +317,7 @@ class Dispatcher:
                 self.options.timeout,
                 self._loop_token,
             )
-            call = (run_chunk, task, *self._wire_refs)
+            call = (run_chunk, task)
         try:
             sent = self._send(backend, call)
         except BaseException:
@@ -381,13 +380,8 @@ class Dispatcher:
                     raise stage_error(f"{what} could not be pickled, so no iteration can run", exc) from exc
                 if segment is not None:
                     self._loop_segments.append(segment)
+                self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
                 key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
-                if backend.scatter is not None:  # on every worker once; chunks carry a reference
-                    self._wire_refs.append(backend.scatter(payload))
-                    self.bytes_sent += _size(payload)
-                    payload = Payload(b"")
-                else:
-                    self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
                 parts += [key, payload]
             self._wire = (parts[0], parts[1], f"{self._loop_id}:{parts[2]}", parts[3])
         return self._wire

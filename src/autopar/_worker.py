@@ -187,10 +187,8 @@ def in_worker() -> bool:
     return _is_worker_process or getattr(_local, "depth", 0) > 0
 
 
-def run_chunk(chunk: Chunk, *placed: Payload) -> ChunkResult:
+def run_chunk(chunk: Chunk) -> ChunkResult:
     """Run one chunk sent by the parent; every value and exception is pickled on its own.
-    ``placed``: the function and broadcast arguments, in place of the chunk's own, when the
-    executor put them on its workers once (Dask).
 
     A failure to unpickle the function, the broadcast arguments or the calls raises here and
     so fails every iteration of the chunk; anything an iteration does fails only itself.
@@ -203,9 +201,8 @@ def run_chunk(chunk: Chunk, *placed: Payload) -> ChunkResult:
         # initializer, not the iteration the timeout is for. The arguments count.
         slots.running(chunk.chunk_id, LOADING_ARGUMENTS, timed=False)
     try:
-        function_payload, broadcast_payload = placed or (chunk.function, chunk.broadcast)
-        function = _unpickle_cached(chunk.function_key, function_payload, "the function", _callable_here)
-        broadcast = _unpickle_cached(chunk.broadcast_key, broadcast_payload, "the keyword arguments")
+        function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
+        broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
         if slots is not None:
             slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
         try:
