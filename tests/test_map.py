@@ -216,6 +216,19 @@ def test_an_executor_runs_as_many_calls_at_once_as_asked(threads: int, workers: 
     assert res.stats.workers == at_once and busy.peak == at_once
 
 
+def test_a_dask_clients_executor_runs_the_loop() -> None:
+    """API.md names it: values in order, keyword arguments, failures collected or raised."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        calc = parallel_loop(fail_on, backend=client.get_executor(), chunksize=2)
+        assert list(calc.map(range(6), bad=())) == [0, 10, 20, 30, 40, 50]
+        res = calc.options(on_error="collect").map(range(6), bad=(4,))
+        assert res[3] == 30 and [f.index for f in res.failures] == [4]
+        with pytest.raises(ValueError, match="bad value 4") as info:
+            calc.map(range(6), bad=(4,))
+        assert info.value.__notes__[0].startswith("iteration 4: ")
+
+
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:
     """Cheap iterations are grouped: the chunk size reached is well above one."""
     res = parallel_loop(square, workers=2).map(range(20_000))
