@@ -17,7 +17,7 @@ import threading
 import traceback
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -88,10 +88,8 @@ class Backend:
         process = _processes_of.get(id(self.executor), {}).get(pid)
         if process is None or process.exitcode is not None or getattr(self.executor, "_broken", False):
             return False
-        with _stopped_lock:  # every loop on this pool must know it was no crash
-            if id(self.executor) not in _processes_of:
-                return False  # the pool is closed and forgotten already
-            _stopped_of.setdefault(id(self.executor), set()).add(pid)
+        if not _mark_stopped(id(self.executor), [pid]):
+            return False  # the pool is closed and forgotten already
         process.terminate()
 
         def kill_if_still_there() -> None:
@@ -109,6 +107,18 @@ _slots_of: dict[int, WorkerSlots] = {}
 _stopped_of: dict[int, set[int]] = {}
 """By pool: the workers a loop stopped on purpose (an iteration past its timeout)."""
 _stopped_lock = threading.Lock()
+
+
+def _mark_stopped(pool: int, pids: Iterable[int]) -> bool:
+    """Note workers stopped on purpose, so that no loop on the pool takes them for crashes.
+    False when the pool is closed and forgotten already."""
+    with _stopped_lock:
+        if pool not in _processes_of:
+            return False
+        _stopped_of.setdefault(pool, set()).update(pids)
+        return True
+
+
 _processes_of: dict[int, dict[int, BaseProcess]] = {}
 _pools_lock = threading.Lock()
 _pools_pid = os.getpid()
@@ -291,8 +301,7 @@ def _stop_abandoned() -> None:
             for pid, running in slots.snapshot().items():
                 process = processes[pool].get(pid)
                 if running.chunk_id in chunks and process is not None and process.exitcode is None:
-                    with _stopped_lock:  # no crash, for a loop that would still look
-                        _stopped_of.setdefault(pool, set()).add(pid)
+                    _mark_stopped(pool, [pid])  # no crash, for a loop that would still look
                     process.kill()
     except Exception:  # an error here would stop the interpreter from joining its threads
         traceback.print_exc()
@@ -353,8 +362,7 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
     same pipe twice, and the second close can hit a descriptor a new pool already reuses.)"""
     if kill:  # at once, even while another thread is closing the pool (and waits for them)
         processes = list(_processes_of.get(id(executor), {}).values())
-        with _stopped_lock:  # another loop on this pool must not take these for crashes
-            _stopped_of.setdefault(id(executor), set()).update(p.pid for p in processes if p.pid)
+        _mark_stopped(id(executor), [p.pid for p in processes if p.pid])
         for process in processes:
             process.kill()
     with _closing_lock:

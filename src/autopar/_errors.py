@@ -34,8 +34,8 @@ __all__ = [
     "add_iteration_note",
     "exception_fields",
     "fresh_copy",
+    "rebuild_exception",
     "set_attribute",
-    "set_fields",
 ]
 
 
@@ -142,19 +142,14 @@ def _copy_of(exc: BaseException) -> BaseException | None:
     try:
         fresh = copy.copy(exc)
         if fresh.args == exc.args and str(fresh) == str(exc):
-            set_fields(fresh, exception_fields(exc))
+            _set_fields(fresh, exception_fields(exc))  # beyond what reduce carries
             return fresh
     except Exception:
         pass
-    cls = type(exc)
     try:
-        fresh = cls.__new__(cls, *exc.args)
-        object.__setattr__(fresh, "args", exc.args)
-        vars(fresh).update(vars(exc))
-        set_fields(fresh, exception_fields(exc))
+        return rebuild_exception(type(exc), exc.args, vars(exc), exception_fields(exc))
     except Exception:
         return None
-    return fresh
 
 
 def exception_fields(exc: BaseException) -> dict[str, Any]:
@@ -175,8 +170,21 @@ def exception_fields(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
-def set_fields(exc: BaseException, fields: dict[str, Any]) -> None:
-    """Set `exception_fields` on a rebuilt exception, past its class's ``__setattr__``."""
+def rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any], fields: dict[str, Any]
+) -> BaseException:
+    """An exception made from its parts, as unpickling makes an object: without calling its
+    ``__init__`` (one that formats its message would format it twice) or its class's
+    ``__setattr__`` (a frozen dataclass refuses it)."""
+    exc = cls.__new__(cls, *args)
+    object.__setattr__(exc, "args", args)
+    vars(exc).update(state)
+    _set_fields(exc, fields)
+    return exc
+
+
+def _set_fields(exc: BaseException, fields: dict[str, Any]) -> None:
+    """Set `exception_fields` past the class's ``__setattr__``."""
     for name, value in fields.items():
         with contextlib.suppress(AttributeError, TypeError):  # a read-only member: keep its own
             object.__setattr__(exc, name, value)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from autopar._errors import RemoteError, SerializationError, exception_fields, set_fields
+from autopar._errors import RemoteError, SerializationError, exception_fields, rebuild_exception
 from autopar._records import Call, Calls, Failed, WireError
 
 __all__ = [
@@ -234,12 +234,7 @@ class _ExceptionParts:
         self.cls, self.args, self.state, self.fields = cls, args, state, fields
 
     def rebuild(self) -> BaseException:
-        exc = self.cls.__new__(self.cls, *self.args)
-        object.__setattr__(exc, "args", self.args)
-        for name, value in self.state.items():
-            object.__setattr__(exc, name, value)
-        set_fields(exc, self.fields)
-        return exc
+        return rebuild_exception(self.cls, self.args, self.state, self.fields)
 
 
 def decode_error(index: int, wire: WireError) -> Failed:
