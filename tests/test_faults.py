@@ -488,7 +488,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: st
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # TMPDIR: the forkserver's socket directory, which the killed parent cannot remove.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30).stdout
     pids = [int(p) for p in out.split()]
     assert pids
