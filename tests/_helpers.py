@@ -400,7 +400,6 @@ def crash_beside_a_bystander(x: int) -> int:
     return x
 
 
-
 def flaky_at_3(x: int, marker: str) -> int:
     """Fails the first time x == 3 runs (anywhere: ``marker`` is a file), then succeeds."""
     if x == 3 and not os.path.exists(marker):
@@ -418,8 +417,6 @@ def fail_slow_then_fast(x: int) -> int:
     if x == 5:
         raise ValueError("bad row in input_5.csv")
     return x
-
-
 
 
 class ParseError(Exception):

@@ -39,15 +39,18 @@ def test_known_length_keeps_the_tail_spread_over_workers() -> None:
 
 
 def test_the_tail_does_not_shrink_below_tail_seconds_of_work() -> None:
-    """Cheap iterations: the last chunks stay big enough to be worth a round trip."""
+    """Cheap iterations: the last chunks stay big enough to be worth a round trip, until
+    what is left is less than a floor-sized chunk per worker."""
     sizer = ChunkSizer(None, workers=2, total=100_000, target_seconds=0.02, tail_seconds=0.005)
     for _ in range(5):
         sizer.record(1000, 5e-3)  # 5 us iterations: about 4,000 per chunk by cost
     assert 3990 <= sizer.size <= 4000
     sizes = []
     while sizer._handed_out < 100_000:
+        remaining = 100_000 - sizer._handed_out
         sizes.append(sizer.next_size())
-    assert min(sizes) >= 990
+        if remaining >= 2 * 1000:
+            assert sizes[-1] >= 990
     assert len(sizes) < 50
 
 
@@ -123,3 +126,16 @@ def test_a_known_length_loop_takes_few_round_trips_and_ends_on_small_chunks() ->
     assert sizes[0] == 1
     assert len(sizes) <= 18  # a 50 ms target alone would take 32
     assert sizes[-2:] == [1, 1]
+
+
+def test_the_tail_floor_never_gives_a_worker_more_than_its_share_of_what_is_left() -> None:
+    """Cheap first iterations price the floor (5 ms of work) at hundreds of iterations; when
+    the rest turn out dear, a floor-sized chunk must still leave the other workers their share."""
+    sizer = ChunkSizer(None, workers=8, total=300, tail_seconds=0.005)
+    handed_out = 0
+    for _ in range(4):
+        size = sizer.next_size()
+        handed_out += size
+        sizer.record(size, size * 1e-4)  # 0.1 ms each: the floor is 50 iterations
+    remaining = 300 - handed_out
+    assert sizer.next_size() <= -(-remaining // 8)
