@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
 from autopar import parallel_loop
@@ -131,6 +133,11 @@ def broadcast_sum(x: int, table: Any) -> float:
 
 def bytes_len(x: int, blob: Any) -> tuple[int, int]:
     return len(blob), blob[x]
+
+
+def bytes_len_slowly(x: int, blob: Any) -> tuple[int, int]:
+    time.sleep(0.01)
+    return bytes_len(x, blob)
 
 
 class CountsLoads:
@@ -472,3 +479,18 @@ def raise_with_fields(kind: str) -> None:
     if kind == "stop_nan":
         raise StopIteration(float("nan"))
     raise Residual(float("nan"))
+
+
+class ForeignPool(Executor):
+    """A process pool autopar cannot tell runs on this machine, like a Dask, loky or MPI
+    executor: no shared memory, so what a chunk carries is what travels."""
+
+    def __init__(self, workers: int, **options: Any) -> None:
+        self._pool = ProcessPoolExecutor(workers, **options)
+        self._max_workers = workers
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)

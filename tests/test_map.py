@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,18 @@ from typing import Any
 
 import pytest
 
-from _helpers import Scaler, fail_on, kib_of_zeros, sleep_then, square, three_outputs, whoami
+from _helpers import (
+    ForeignPool,
+    Scaler,
+    bytes_len,
+    bytes_len_slowly,
+    fail_on,
+    kib_of_zeros,
+    sleep_then,
+    square,
+    three_outputs,
+    whoami,
+)
 from autopar import LoopResult, parallel_loop
 from autopar._backends import SerialExecutor
 from autopar._chunking import CHUNK_BYTES, MAX_CHUNK
@@ -227,6 +239,33 @@ def test_a_dask_clients_executor_runs_the_loop() -> None:
         with pytest.raises(ValueError, match="bad value 4") as info:
             calc.map(range(6), bad=(4,))
         assert info.value.__notes__[0].startswith("iteration 4: ")
+        blob = bytes(range(256)) * 1024
+        res = parallel_loop(bytes_len, backend=client.get_executor(), chunksize=1).map(range(12), blob=blob)
+        assert list(res) == [(len(blob), i) for i in range(12)]
+        assert res.stats.bytes_sent < 4 * len(blob), "a large keyword argument goes to each worker once"
+
+
+def test_a_large_broadcast_goes_to_each_worker_of_a_foreign_executor_once() -> None:
+    """No shared memory with a Dask, loky or MPI executor: the first chunk each worker gets
+    carries the broadcast, later ones only its key (API.md: "sent to each worker once").
+    Iterations of 10 ms: both workers are up before the chunks named by key arrive."""
+    blob = bytes(range(256)) * 4096
+    with ForeignPool(2) as pool:
+        calc = parallel_loop(bytes_len_slowly, backend=pool, chunksize=1)
+        for _ in range(2):  # a new loop sends it again: an iteration may have mutated the old one
+            res = calc.map(range(24), blob=blob)
+            assert list(res) == [(len(blob), i) for i in range(24)]
+            assert res.stats.bytes_sent < 5 * len(blob), "not with each of the 24 chunks"
+
+
+def test_workers_that_lack_a_broadcast_sent_by_key_get_it_again() -> None:
+    """Every task in a fresh process (nothing cached, ever): each chunk named by key comes back
+    and goes again in full, then the loop stops naming it by key. Nothing lost, no spin."""
+    blob = bytes(range(256)) * 1024
+    with ForeignPool(2, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1) as pool:
+        res = parallel_loop(bytes_len, backend=pool, chunksize=1).map(range(12), blob=blob)
+    assert list(res) == [(len(blob), i) for i in range(12)]
+    assert res.stats.bytes_sent >= 12 * len(blob)
 
 
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:

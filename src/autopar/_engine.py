@@ -7,7 +7,8 @@ Data flow::
       ▼
     chunk ── pack ──▶ Chunk(loop_id, chunk_id, function, broadcast, calls)
       │        │ an argument that cannot be pickled fails its own iteration here;
-      │        │ large buffers go to shared memory
+      │        │ large buffers go to shared memory; to other machines, a large function or
+      │        │ broadcast goes with the first chunks only, later ones name it by key
       │        ▼
       │   executor.submit(run_chunk, Chunk)          out-of-process backends (one entry point)
       │   executor.submit(run_calls, fn, chunk)      in-process backends (threads, serial)
@@ -23,7 +24,8 @@ Data flow::
       ├─ the pool broke (a worker died or was killed): the slots and exit codes say which
       │  iteration did it; it fails (WorkerCrashed / IterationTimeout), every other call in
       │  flight is sent again to a new pool
-      ├─ a chunk whose arguments a worker could not unpickle is sent again call by call
+      ├─ a chunk whose arguments a worker could not unpickle is sent again call by call,
+      │  one whose function or broadcast a worker lacks (NotCachedHere), with them
       └─ a failed iteration with retries left is sent again, before any new input
       ▼
     Batch(indices, values, failures), in completion order ──▶ _collect (input order, errors)
@@ -59,11 +61,11 @@ from autopar._backends import (
     post_mortem,
 )
 from autopar._chunking import ChunkSizer
-from autopar._errors import ChunkArgumentsError, IterationTimeout, WorkerCrashed, fresh_copy
+from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere, WorkerCrashed, fresh_copy
 from autopar._options import Options, executor_capacity
-from autopar._records import Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
+from autopar._records import BY_KEY, Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
-from autopar._shared import pack, release
+from autopar._shared import SHARE_ABOVE, pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, UNTIMED, Running
 from autopar._worker import run_calls, run_chunk
 
@@ -147,6 +149,9 @@ class Dispatcher:
         self._loop_id = uuid.uuid4().hex
         self._loop_token = next(_loop_tokens)
         self._wire: tuple[str, Payload, str, Payload] | None = None
+        self._full_sends = 0  # chunks that carried a large function or broadcast in full
+        self._key_sends = 0  # chunks that named them by key
+        self._misses = 0  # chunks sent back by a worker that lacked them
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
@@ -290,6 +295,8 @@ class Dispatcher:
             # The function and keyword arguments first: if they cannot be pickled, no chunk
             # ever can, and no segment of this chunk is left behind.
             function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
+            if not backend.local:
+                function, broadcast = self._by_key_when_cached(function, broadcast)
             started = time.perf_counter()
             try:
                 payload, segment = pack(chunk, shared=backend.local)
@@ -386,6 +393,23 @@ class Dispatcher:
             self._wire = (parts[0], parts[1], f"{self._loop_id}:{parts[2]}", parts[3])
         return self._wire
 
+    def _by_key_when_cached(self, function: Payload, broadcast: Payload) -> tuple[Payload, Payload]:
+        """What a chunk carries to an executor autopar shares no memory with (Dask, loky,
+        MPI): a large function or broadcast goes in full with the first chunk for each worker,
+        later chunks name it by key and the worker takes it from its cache. A worker that lacks
+        it sends the chunk back (`NotCachedHere`) and one more goes in full (which another
+        worker may take: a worker can miss a few times). When workers lack it more often than
+        not (fresh processes, a full cache), the rest of the loop goes in full."""
+        large = [len(part.data) >= SHARE_ABOVE for part in (function, broadcast)]
+        if not any(large):
+            return function, broadcast
+        mostly_missed = self._misses > 4 * self.workers and 2 * self._misses > self._key_sends
+        if self._full_sends < self.workers + self._misses or mostly_missed:
+            self._full_sends += 1
+            return function, broadcast
+        self._key_sends += 1
+        return (BY_KEY if large[0] else function), (BY_KEY if large[1] else broadcast)
+
     # --- waiting, and stopping overdue iterations ---
 
     def _watch_timeouts(self) -> threading.Event | None:
@@ -449,6 +473,10 @@ class Dispatcher:
         except CancelledError:
             # Not by us (we cancel only when the loop ends): autopar.shutdown() in another
             # thread closed the pool under this loop. Send the chunk again, to a new pool.
+            self._pending.appendleft(chunk)
+            return Batch([], [], [], 0.0)
+        except NotCachedHere:
+            self._misses += 1  # and the next chunk sent, this one, carries them in full
             self._pending.appendleft(chunk)
             return Batch([], [], [], 0.0)
         except ChunkArgumentsError as exc:

@@ -27,6 +27,7 @@ __all__ = [
     "AutoparError",
     "ChunkArgumentsError",
     "IterationTimeout",
+    "NotCachedHere",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
@@ -81,6 +82,11 @@ class SerializationError(AutoparError):
 class ChunkArgumentsError(SerializationError):
     """A worker could not unpickle a chunk's arguments: the parent retries them one by one,
     so that only the culprit fails."""
+
+
+class NotCachedHere(Exception):
+    """A chunk named its function or keyword arguments by key, and this worker does not have
+    them: the parent sends the chunk again, with them. Nothing ran."""
 
 
 class RemoteError(AutoparError):

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias, overload
 
-__all__ = ["Batch", "Call", "Calls", "Chunk", "ChunkResult", "Failed", "Payload", "WireError"]
+__all__ = ["BY_KEY", "Batch", "Call", "Calls", "Chunk", "ChunkResult", "Failed", "Payload", "WireError"]
 
 Call: TypeAlias = tuple[int, tuple[Any, ...]]
 """One iteration's call: its index in the input and its positional arguments."""
@@ -91,13 +91,19 @@ class Payload(NamedTuple):
     """Where the pickle itself lies in the segment, when it was too large to travel inline."""
 
 
+BY_KEY = Payload(b"")
+"""Sent in place of a function or broadcast a worker has had before: it looks the object up
+by key (a real payload is never empty: a pickle has bytes, or lies in a segment)."""
+
+
 class Chunk(NamedTuple):
     """One chunk of iterations, as sent to a worker.
 
     ``function`` and ``broadcast`` are the cloudpickled function and broadcast keyword
     arguments, identical for every chunk of a loop; the worker caches what they unpickle to
     under ``function_key`` and ``broadcast_key``. ``calls`` is the cloudpickled `Calls`.
-    Large buffers in any of them travel in shared memory (see `autopar._shared`).
+    Large buffers in any of them travel in shared memory (see `autopar._shared`); to other
+    machines, a large function or broadcast is sent as `BY_KEY` once workers have it.
     ``loop_id`` and ``chunk_id`` make every chunk unique, so that an executor that
     deduplicates identical calls never merges two chunks.
     """

@@ -19,8 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from autopar._errors import ChunkArgumentsError, IterationTimeout
-from autopar._records import Calls, Chunk, ChunkResult, Failed, Payload
+from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
+from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import (
     describe,
     encode_error,
@@ -297,6 +297,8 @@ def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[A
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
+    if payload == BY_KEY:
+        raise NotCachedHere(f"{what} ({key}) is not cached in worker process {os.getpid()}")
     try:
         value = unpack(payload)
     except Exception as exc:
