@@ -488,9 +488,11 @@ class ForeignPool(Executor):
     def __init__(self, workers: int, **options: Any) -> None:
         self._pool = ProcessPoolExecutor(workers, **options)
         self._max_workers = workers
+        self.futures: list[Future[Any]] = []
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._pool.submit(fn, *args, **kwargs)
+        self.futures.append(self._pool.submit(fn, *args, **kwargs))
+        return self.futures[-1]
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait, cancel_futures=cancel_futures)

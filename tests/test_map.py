@@ -260,12 +260,14 @@ def test_a_large_broadcast_goes_to_each_worker_of_a_foreign_executor_once() -> N
 
 def test_workers_that_lack_a_broadcast_sent_by_key_get_it_again() -> None:
     """Every task in a fresh process (nothing cached, ever): each chunk named by key comes back
-    and goes again in full, then the loop stops naming it by key. Nothing lost, no spin."""
+    and goes again in full, then the loop stops naming it by key. Nothing lost, no spin, and
+    no task fails: a miss is returned, not raised, which an executor would log (Dask does)."""
     blob = bytes(range(256)) * 1024
     with ForeignPool(2, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1) as pool:
         res = parallel_loop(bytes_len, backend=pool, chunksize=1).map(range(12), blob=blob)
     assert list(res) == [(len(blob), i) for i in range(12)]
     assert res.stats.bytes_sent >= 12 * len(blob)
+    assert len(pool.futures) > 12 and not any(future.exception() for future in pool.futures)
 
 
 def test_automatic_chunks_grow_for_cheap_iterations() -> None:

@@ -397,7 +397,7 @@ class Dispatcher:
         """What a chunk carries to an executor autopar shares no memory with (Dask, loky,
         MPI): a large function or broadcast goes in full with the first chunk for each worker,
         later chunks name it by key and the worker takes it from its cache. A worker that lacks
-        it sends the chunk back (`NotCachedHere`) and one more goes in full (which another
+        it returns `NotCachedHere` for the chunk and one more goes in full (which another
         worker may take: a worker can miss a few times). When workers lack it more often than
         not (fresh processes, a full cache), the rest of the loop goes in full."""
         large = [len(part.data) >= SHARE_ABOVE for part in (function, broadcast)]
@@ -469,14 +469,10 @@ class Dispatcher:
     def _collect(self, future: Future[Any], entry: _InFlight) -> Batch:
         chunk = entry.calls
         try:
-            result: ChunkResult = future.result()
+            result: ChunkResult | NotCachedHere = future.result()
         except CancelledError:
             # Not by us (we cancel only when the loop ends): autopar.shutdown() in another
             # thread closed the pool under this loop. Send the chunk again, to a new pool.
-            self._pending.appendleft(chunk)
-            return Batch([], [], [], 0.0)
-        except NotCachedHere:
-            self._misses += 1  # and the next chunk sent, this one, carries them in full
             self._pending.appendleft(chunk)
             return Batch([], [], [], 0.0)
         except ChunkArgumentsError as exc:
@@ -490,6 +486,10 @@ class Dispatcher:
             return self._chunk_failed(chunk, crashed, "")
         except Exception as exc:
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
+        if isinstance(result, NotCachedHere):
+            self._misses += 1  # and the next chunk sent, this one, carries them in full
+            self._pending.appendleft(chunk)
+            return Batch([], [], [], 0.0)
         self._fruitless_breaks = 0
         received = 0
         if self.in_process:

@@ -86,7 +86,8 @@ class ChunkArgumentsError(SerializationError):
 
 class NotCachedHere(Exception):
     """A chunk named its function or keyword arguments by key, and this worker does not have
-    them: the parent sends the chunk again, with them. Nothing ran."""
+    them: the worker returns this (nothing ran) and the parent sends the chunk again, with
+    them."""
 
 
 class RemoteError(AutoparError):

@@ -187,11 +187,13 @@ def in_worker() -> bool:
     return _is_worker_process or getattr(_local, "depth", 0) > 0
 
 
-def run_chunk(chunk: Chunk) -> ChunkResult:
+def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
     """Run one chunk sent by the parent; every value and exception is pickled on its own.
 
     A failure to unpickle the function, the broadcast arguments or the calls raises here and
     so fails every iteration of the chunk; anything an iteration does fails only itself.
+    A function or broadcast sent by key that this worker lacks is *returned* as
+    `NotCachedHere`, nothing run: raised, an executor would log a failed task (Dask does).
     """
     slots = _slots
     if slots is not None:
@@ -201,8 +203,11 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         # initializer, not the iteration the timeout is for. The arguments count.
         slots.running(chunk.chunk_id, LOADING_ARGUMENTS, timed=False)
     try:
-        function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
-        broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+        try:
+            function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
+            broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+        except NotCachedHere as missing:
+            return missing
         if slots is not None:
             slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
         try:
