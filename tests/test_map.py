@@ -258,6 +258,29 @@ def test_a_large_broadcast_goes_to_each_worker_of_a_foreign_executor_once() -> N
             assert res.stats.bytes_sent < 5 * len(blob), "not with each of the 24 chunks"
 
 
+def test_a_foreign_executor_with_more_processes_than_workers_still_gets_it_once_each() -> None:
+    """Any of its 12 processes may lack it (it says so, and gets it): no reason to give up
+    sending by key, as the first version did after 8 misses, sending it with all 120 chunks."""
+    blob = bytes(range(256)) * 1024
+    with ForeignPool(12) as pool:
+        list(pool.map(abs, range(120)))  # every process started
+        res = parallel_loop(bytes_len, backend=pool, workers=2, chunksize=1).map(range(120), blob=blob)
+    assert list(res) == [(len(blob), i) for i in range(120)]
+    assert res.stats.bytes_sent < 60 * len(blob)  # a process may lack it a few times: 16-39 here
+
+
+def test_chunks_refused_before_sending_do_not_count_as_carrying_the_broadcast() -> None:
+    """The first two chunks never leave (their arguments cannot be pickled): the next two
+    carry the broadcast, so no worker lacks it and no task is sent twice."""
+    blob = bytes(range(256)) * 1024
+    arguments = [threading.Lock(), threading.Lock(), *range(2, 10)]
+    with ForeignPool(2) as pool:
+        res = parallel_loop(bytes_len_slowly, backend=pool, chunksize=1, on_error="collect").map(arguments, blob=blob)
+        assert len(pool.futures) == 8
+    assert [failure.index for failure in res.failures] == [0, 1]
+    assert list(res)[2:] == [(len(blob), i) for i in range(2, 10)]
+
+
 def test_workers_that_lack_a_broadcast_sent_by_key_get_it_again() -> None:
     """Every task in a fresh process (nothing cached, ever): each chunk named by key comes back
     and goes again in full, then the loop stops naming it by key. Nothing lost, no spin, and

@@ -37,6 +37,7 @@ chunks that have not started; Ctrl-C also kills autopar's own worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import signal
@@ -44,6 +45,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
@@ -149,9 +151,9 @@ class Dispatcher:
         self._loop_id = uuid.uuid4().hex
         self._loop_token = next(_loop_tokens)
         self._wire: tuple[str, Payload, str, Payload] | None = None
-        self._full_sends = 0  # chunks that carried a large function or broadcast in full
-        self._key_sends = 0  # chunks that named them by key
-        self._misses = 0  # chunks sent back by a worker that lacked them
+        backend = self._backend
+        foreign = isinstance(backend.executor, Executor) and not (backend.local or backend.in_process)
+        self._by_key = _PartsByKey(backend.executor, self.workers, capacity or self.workers) if foreign else None
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
         self.consumed = 0
@@ -287,7 +289,7 @@ class Dispatcher:
         arguments could not be pickled (they fail here, alone)."""
         backend = self._backend_or_acquire()
         chunk_id = next(_chunk_ids)
-        refused, segment, nbytes = None, None, 0
+        refused, segment, nbytes, sent_as = None, None, 0, ""
         if backend.in_process:
             loop = self.loop
             call: tuple[Any, ...] = (run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
@@ -295,8 +297,8 @@ class Dispatcher:
             # The function and keyword arguments first: if they cannot be pickled, no chunk
             # ever can, and no segment of this chunk is left behind.
             function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
-            if not backend.local:
-                function, broadcast = self._by_key_when_cached(function, broadcast)
+            if self._by_key is not None:
+                function, broadcast, sent_as = self._by_key.choose(function, broadcast)
             started = time.perf_counter()
             try:
                 payload, segment = pack(chunk, shared=backend.local)
@@ -335,6 +337,8 @@ class Dispatcher:
             error = WorkerCrashed(f"the executor cannot run this iteration: {sent}")
             return None, None, _merge(refused, self._chunk_failed(chunk, error, ""))
         future, backend = sent
+        if self._by_key is not None:
+            self._by_key.sent(sent_as)
         return future, _InFlight(chunk_id, chunk, backend, segment, nbytes), refused
 
     def _send(self, backend: Backend, call: tuple[Any, ...]) -> tuple[Future[Any], Backend] | BrokenExecutor:
@@ -392,23 +396,6 @@ class Dispatcher:
                 parts += [key, payload]
             self._wire = (parts[0], parts[1], f"{self._loop_id}:{parts[2]}", parts[3])
         return self._wire
-
-    def _by_key_when_cached(self, function: Payload, broadcast: Payload) -> tuple[Payload, Payload]:
-        """What a chunk carries to an executor autopar shares no memory with (Dask, loky,
-        MPI): a large function or broadcast goes in full with the first chunk for each worker,
-        later chunks name it by key and the worker takes it from its cache. A worker that lacks
-        it returns `NotCachedHere` for the chunk and one more goes in full (which another
-        worker may take: a worker can miss a few times). When workers lack it more often than
-        not (fresh processes, a full cache), the rest of the loop goes in full."""
-        large = [len(part.data) >= SHARE_ABOVE for part in (function, broadcast)]
-        if not any(large):
-            return function, broadcast
-        mostly_missed = self._misses > 4 * self.workers and 2 * self._misses > self._key_sends
-        if self._full_sends < self.workers + self._misses or mostly_missed:
-            self._full_sends += 1
-            return function, broadcast
-        self._key_sends += 1
-        return (BY_KEY if large[0] else function), (BY_KEY if large[1] else broadcast)
 
     # --- waiting, and stopping overdue iterations ---
 
@@ -487,9 +474,12 @@ class Dispatcher:
         except Exception as exc:
             return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
         if isinstance(result, NotCachedHere):
-            self._misses += 1  # and the next chunk sent, this one, carries them in full
+            assert self._by_key is not None
+            self._by_key.missed(result.worker)  # and one more chunk, this one, goes in full
             self._pending.appendleft(chunk)
             return Batch([], [], [], 0.0)
+        if self._by_key is not None:
+            self._by_key.ran_on(result.worker)
         self._fruitless_breaks = 0
         received = 0
         if self.in_process:
@@ -632,6 +622,67 @@ class Dispatcher:
                     f"its worker died {_SUSPICIONS} times while running it, killed from outside or by SIGTERM"
                 )
                 yield self._chunk_failed(Calls.of(entry.calls[p] for p in sorted(positions)), error, "")
+
+
+_new_worker_per_task: weakref.WeakSet[Executor] = weakref.WeakSet()
+"""Executors seen to run each task in a new worker process: sending by key cannot pay there."""
+
+
+class _PartsByKey:
+    """What the chunks of one loop carry to an executor autopar shares no memory with (Dask,
+    loky, MPI). A large function or broadcast goes in full with the first chunk for each
+    worker; later chunks name it by key (`BY_KEY`) and the worker takes it from its cache.
+    A worker that lacks it returns `NotCachedHere`, and one more chunk goes in full (another
+    worker may take it: a worker can miss more than once).
+
+    A miss by a worker new to the loop is expected. By key stops paying when workers that
+    ran a chunk of the loop keep lacking it (their cache does not hold: the rest of the loop
+    goes in full), or when no worker ever runs a second chunk (a process per task: every
+    later loop on that executor goes in full too)."""
+
+    def __init__(self, executor: Executor, workers: int, capacity: int) -> None:
+        self.executor = executor
+        self.workers = workers
+        self.capacity = capacity  # calls the executor runs at once: at least its processes
+        self.full_sends = 0
+        self.misses = 0
+        self.results = 0
+        self.holders: set[str] = set()  # workers that ran a chunk of this loop
+        self.lost = 0  # misses by holders
+
+    def choose(self, function: Payload, broadcast: Payload) -> tuple[Payload, Payload, str]:
+        """The parts to send, and how: "full", "key", or "" (nothing large)."""
+        large = [len(part.data) >= SHARE_ABOVE for part in (function, broadcast)]
+        if not any(large):
+            return function, broadcast, ""
+        if self.full_sends < self.workers + self.misses or not self._pays():
+            return function, broadcast, "full"
+        return (BY_KEY if large[0] else function), (BY_KEY if large[1] else broadcast), "key"
+
+    def _pays(self) -> bool:
+        if self.lost > self.workers:
+            return False
+        # More results than twice the executor's processes, each from a new one: none stays.
+        if self.results > 2 * self.capacity and len(self.holders) == self.results:
+            with contextlib.suppress(TypeError):  # an executor that takes no weak reference
+                _new_worker_per_task.add(self.executor)
+            return False
+        try:
+            return self.executor not in _new_worker_per_task
+        except TypeError:
+            return True
+
+    def sent(self, how: str) -> None:
+        """A chunk was handed to the executor, its parts sent ``how``."""
+        self.full_sends += how == "full"
+
+    def ran_on(self, worker: str) -> None:
+        self.results += 1
+        self.holders.add(worker)
+
+    def missed(self, worker: str) -> None:
+        self.misses += 1
+        self.lost += worker in self.holders
 
 
 def _death(pid: int, exit_code: int, position: int) -> str:

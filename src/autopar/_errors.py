@@ -87,7 +87,14 @@ class ChunkArgumentsError(SerializationError):
 class NotCachedHere(Exception):
     """A chunk named its function or keyword arguments by key, and this worker does not have
     them: the worker returns this (nothing ran) and the parent sends the chunk again, with
-    them."""
+    them. ``worker`` is the worker's identity, as in `ChunkResult.worker`."""
+
+    def __init__(self, message: str, worker: str) -> None:
+        super().__init__(message, worker)
+        self.worker = worker
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class RemoteError(AutoparError):

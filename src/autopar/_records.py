@@ -152,6 +152,8 @@ class ChunkResult(NamedTuple):
     values: Any
     errors: dict[int, Any]
     seconds: float
+    worker: str = ""
+    """The worker process that ran it (out of process): which workers hold what was sent by key."""
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import select
 import signal
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,16 @@ _is_worker_process = False
 _slots: WorkerSlots | None = None
 _initialized_globals: dict[Any, tuple[dict[str, Any], list[str]]] = {}
 """By module name: the initializer's globals, and the names it assigned in them."""
+_identity = uuid.uuid4().hex
+"""This process's name on every result: unique across machines, and new after a fork."""
+
+
+def _new_identity() -> None:
+    global _identity
+    _identity = uuid.uuid4().hex
+
+
+os.register_at_fork(after_in_child=_new_identity)
 
 
 BLAS_THREAD_VARIABLES = (
@@ -220,7 +231,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
         if slots is not None:
             slots.running(chunk.chunk_id, SENDING_RESULTS)
         wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
-        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds)
+        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds, _identity)
     finally:
         if slots is not None:
             slots.idle()
@@ -303,7 +314,7 @@ def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[A
             cache.move_to_end(key)
             return cache[key]
     if payload == BY_KEY:
-        raise NotCachedHere(f"{what} ({key}) is not cached in worker process {os.getpid()}")
+        raise NotCachedHere(f"{what} ({key}) is not cached in worker process {os.getpid()}", _identity)
     try:
         value = unpack(payload)
     except Exception as exc:
