@@ -152,7 +152,7 @@ class Dispatcher:
         self._loop_token = next(_loop_tokens)
         self._wire: tuple[str, Payload, str, Payload] | None = None
         backend = self._backend
-        foreign = isinstance(backend.executor, Executor) and not (backend.local or backend.in_process)
+        foreign = not (backend.local or backend.in_process)  # a Dask, loky, MPI... executor
         self._by_key = _PartsByKey(backend.executor, self.workers, capacity or self.workers) if foreign else None
         self._loop_segments: list[SharedMemory] = []
         self.chunksize = 0
