@@ -113,6 +113,15 @@ def pids_inside(x: int) -> tuple[int, set[int]]:
     return os.getpid(), set(parallel_loop(whoami, workers=2).map(range(x)))
 
 
+def which_thread(_: Any) -> int:
+    return threading.get_ident()
+
+
+def threads_inside(x: int) -> tuple[int, set[int]]:
+    """This iteration's thread, and those the iterations of a thread loop started inside it ran in."""
+    return threading.get_ident(), set(parallel_loop(which_thread, backend="thread", workers=2).map(range(x)))
+
+
 class Scaler:
     def __init__(self, factor: int) -> None:
         self.factor = factor

@@ -305,6 +305,43 @@ def test_exit_does_not_wait_for_an_abandoned_iteration(tmp_path: Path, start_met
     assert ("KeyboardInterrupt" if ending == "ctrl_c_in_consumer" else "ValueError: fails at once") in proc.stderr
 
 
+def test_ctrl_c_returns_at_once_from_a_thread_loop() -> None:
+    """A thread cannot be killed: Ctrl-C re-raises at once instead of waiting for the
+    iterations already running (they finish in their threads)."""
+    calc = parallel_loop(time.sleep, backend="thread", workers=2, chunksize=1)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        calc.map([3.0] * 4)
+    assert time.monotonic() - started < 2
+    running = [t for t in threading.enumerate() if t.name.startswith("autopar")]
+    assert running, "the iterations already running go on in their threads"
+    for thread in running:
+        thread.join(timeout=10)
+
+
+def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path) -> None:
+    """Spawned workers import the main module again: an unguarded loop would start there. The
+    worker says why it stops, and so does the error the loop ends with."""
+    result = run_script(
+        """
+        from autopar import parallel_loop
+
+        def square(x):
+            return x * x
+
+        print(list(parallel_loop(square, workers=2, start_method="spawn").map(range(4))))
+        """,
+        tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "a loop started while a new worker process imports your main module" in result.stderr
+    assert 'WorkerCrashed: the worker pool broke 3 times' in result.stderr
+    assert 'without `if __name__ == "__main__":`?)' in result.stderr
+
+
 def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C that lands in the collector, not in the engine, still kills the workers."""
     from autopar import _backends, _collect

@@ -74,6 +74,14 @@ def test_starmap_names_an_element_that_is_not_a_tuple(backend: dict[str, Any]) -
         parallel_loop(pow, **backend).starmap([(2, 3), 5])
 
 
+def test_starmap_refuses_keyword_dicts_instead_of_passing_their_keys() -> None:
+    """`for kw in configs: run(**kw)` is not `run.starmap(configs)`: a dict would give its keys."""
+    with pytest.raises(TypeError, match=r"element 0 is \{'base': 2, 'exp': 3\} \(dict\).*f\(\*\*kwargs\)"):
+        parallel_loop(pow, backend="serial").starmap([{"base": 2, "exp": 3}])
+    with pytest.raises(TypeError, match=r"element 0 is .* \(set\)"):
+        parallel_loop(pow, backend="serial").starmap([{2, 3}])
+
+
 @pytest.mark.parametrize("n", [None, 3])
 def test_empty_input(backend: dict[str, Any], n: int | None) -> None:
     """An empty loop gives an empty result; unzip(n) still gives n lists."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from _helpers import nested_loop, pids_inside, square
+from _helpers import nested_loop, pids_inside, square, threads_inside
 from autopar import parallel_loop
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options, resolve
@@ -90,6 +91,17 @@ def test_a_loop_inside_a_worker_runs_serially() -> None:
     assert list(nested_loop.options(backend="thread", workers=2).map([3])) == [[0, 1, 4]]
     for outer, inner in parallel_loop(pids_inside, workers=2).map([3, 3]):
         assert inner == {outer}, "the inner loop ran in the outer iteration's own process"
+
+
+def test_a_process_loop_inside_a_thread_iteration_uses_worker_processes() -> None:
+    """Threads for the outer loop (downloads), processes for the inner one (CPU work): the
+    inner loop is not nested in a worker process, so it runs in the process pool; a thread
+    loop inside a thread iteration runs serially (it would wait on its own pool's threads)."""
+    for outer, inner in parallel_loop(pids_inside, backend="thread", workers=2).map([4, 4]):
+        assert outer == os.getpid() and outer not in inner
+    inner_threads = parallel_loop(threads_inside, backend="thread", workers=2).map([3, 3])
+    for outer_thread, threads in inner_threads:
+        assert threads == {outer_thread}
 
 
 def test_integer_likes_and_infinite_timeout_are_accepted() -> None:

@@ -343,23 +343,25 @@ def _retire(executor: Executor) -> None:
 def discard(executor: Executor, *, kill: bool = False) -> None:
     """Drop a broken or interrupted pool from the cache and close it.
 
-    With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running).
+    With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running);
+    a thread pool's running iterations cannot be stopped, so it is not waited for.
     """
     with _pools_lock:
         for key, cached in list(_pools.items()):
             if cached is executor:
                 del _pools[key]
-    _close(executor, kill=kill)
+    _close(executor, kill=kill, wait=not (kill and isinstance(executor, ThreadPoolExecutor)))
 
 
 _closing: dict[int, tuple[Executor, threading.Event]] = {}
 _closing_lock = threading.Lock()
 
 
-def _close(executor: Executor, *, kill: bool = False) -> None:
-    """Shut ``executor`` down exactly once and wait for it; a caller that comes while another
-    is closing it waits for that close. (Two concurrent ``shutdown(wait=True)`` calls close the
-    same pipe twice, and the second close can hit a descriptor a new pool already reuses.)"""
+def _close(executor: Executor, *, kill: bool = False, wait: bool = True) -> None:
+    """Shut ``executor`` down exactly once and wait for it (unless not ``wait``); a caller that
+    comes while another is closing it waits for that close. (Two concurrent
+    ``shutdown(wait=True)`` calls close the same pipe twice, and the second close can hit a
+    descriptor a new pool already reuses.)"""
     if kill:  # at once, even while another thread is closing the pool (and waits for them)
         processes = list(_processes_of.get(id(executor), {}).values())
         _mark_stopped(id(executor), [p.pid for p in processes if p.pid])
@@ -376,10 +378,11 @@ def _close(executor: Executor, *, kill: bool = False) -> None:
                 if closed.is_set():
                     del _closing[key]
     if not first:
-        done.wait()
+        if wait:
+            done.wait()
         return
     try:
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=wait, cancel_futures=True)
     finally:
         done.set()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
@@ -214,10 +215,12 @@ def _star_calls(iterable: Iterable[Iterable[Any]]) -> _Calls:
 
     def calls() -> Iterator[tuple[Any, ...]]:
         for index, args in enumerate(iterable):
-            if not isinstance(args, Iterable) or isinstance(args, str | bytes):
+            if not isinstance(args, Iterable) or isinstance(args, str | bytes | Mapping | AbstractSet):
+                keywords = isinstance(args, Mapping)
+                hint = " (for keyword arguments, map a function that calls f(**kwargs))" if keywords else ""
                 raise TypeError(
                     f"starmap(): element {index} is {args!r} ({type(args).__name__}), "
-                    "not a tuple of positional arguments"
+                    f"not a tuple of positional arguments{hint}"
                 )
             yield tuple(args)
 

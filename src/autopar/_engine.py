@@ -609,7 +609,9 @@ class Dispatcher:
             if self._fruitless_breaks >= _FRUITLESS_BREAKS:
                 error = WorkerCrashed(
                     f"the worker pool broke {self._fruitless_breaks} times with no iteration running "
-                    "(does the initializer fail, or are workers killed from outside?)"
+                    "(does the initializer fail, are workers killed from outside, or, under spawn or "
+                    "forkserver, does the script start this loop again when a worker imports it, "
+                    'without `if __name__ == "__main__":`?)'
                 )
                 yield self._chunk_failed(entry.calls, error, "")
                 continue

@@ -35,7 +35,8 @@ from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, proc
 
 __all__ = [
     "BLAS_THREAD_VARIABLES",
-    "in_worker",
+    "in_iteration",
+    "in_worker_process",
     "initialize_worker",
     "run_calls",
     "run_chunk",
@@ -193,9 +194,14 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
     os._exit(1)
 
 
-def in_worker() -> bool:
-    """True inside a worker process, or while this thread runs an iteration of a loop."""
-    return _is_worker_process or getattr(_local, "depth", 0) > 0
+def in_worker_process() -> bool:
+    """True inside one of autopar's worker processes."""
+    return _is_worker_process
+
+
+def in_iteration() -> bool:
+    """True while this thread runs an iteration of a loop (in any process)."""
+    return getattr(_local, "depth", 0) > 0
 
 
 def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
