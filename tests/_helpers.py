@@ -490,6 +490,28 @@ def raise_with_fields(kind: str) -> None:
     raise Residual(float("nan"))
 
 
+def cached_broadcasts() -> int:
+    """In a worker: how many loops' broadcast arguments autopar keeps cached."""
+    from autopar import _worker
+
+    return len(_worker._broadcasts)
+
+
+class KilledWorker(Exception):
+    """Named as Dask's (distributed.scheduler.KilledWorker), which autopar knows by name."""
+
+
+class KillsWorkers(Executor):
+    """An executor whose every task ends as Dask's does when its workers keep dying."""
+
+    _max_workers = 2
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_exception(KilledWorker("attempted to run task on 4 different workers, all died"))
+        return future
+
+
 class ForeignPool(Executor):
     """A process pool autopar cannot tell runs on this machine, like a Dask, loky or MPI
     executor: no shared memory, so what a chunk carries is what travels."""

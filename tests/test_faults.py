@@ -201,14 +201,21 @@ def test_initializer_runs_in_each_worker(start_method: str) -> None:
     assert set(with_lambda.map(range(4))) == {42}
 
 
-def test_a_failing_initializer_fails_the_loop_instead_of_hanging() -> None:
+def test_a_failing_initializer_fails_each_iteration_with_its_own_exception() -> None:
+    """Not the pool breaking again and again (WorkerCrashed, the cause only on stderr): the
+    worker stays, and each iteration it is given fails with what the initializer raised."""
+
     def broken() -> None:
         raise RuntimeError("no model")
 
     res = parallel_loop(initialized, workers=2, initializer=broken, on_error="collect").map(range(3))
-    assert len(res.failures) == 3
-    assert all(isinstance(f.exception, WorkerCrashed) for f in res.failures)
-    assert "does the initializer fail" in str(res.failures[0].exception)
+    assert [f.index for f in res.failures] == [0, 1, 2]
+    for failure in res.failures:
+        assert isinstance(failure.exception, RuntimeError) and str(failure.exception) == "no model"
+        assert failure.exception.__notes__[0].startswith("in the initializer, in worker process")
+        assert 'raise RuntimeError("no model")' in failure.traceback
+    with pytest.raises(RuntimeError, match="no model"):
+        parallel_loop(initialized, workers=2, initializer=broken).map(range(3))
 
 
 @pytest.mark.parametrize("backend", ["process", "thread", "serial"])

@@ -13,9 +13,11 @@ import pytest
 
 from _helpers import (
     ForeignPool,
+    KillsWorkers,
     Scaler,
     bytes_len,
     bytes_len_slowly,
+    cached_broadcasts,
     fail_on,
     kib_of_zeros,
     sleep_then,
@@ -23,7 +25,7 @@ from _helpers import (
     three_outputs,
     whoami,
 )
-from autopar import LoopResult, parallel_loop
+from autopar import LoopResult, WorkerCrashed, parallel_loop
 from autopar._backends import SerialExecutor
 from autopar._chunking import CHUNK_BYTES, MAX_CHUNK
 
@@ -287,6 +289,25 @@ def test_chunks_refused_before_sending_do_not_count_as_carrying_the_broadcast() 
         assert len(pool.futures) == 8
     assert [failure.index for failure in res.failures] == [0, 1]
     assert list(res)[2:] == [(len(blob), i) for i in range(2, 10)]
+
+
+def test_a_foreign_executors_workers_keep_only_the_latest_loops_broadcasts() -> None:
+    """A loop's broadcast is cached in each worker for that loop only: ten loops of a large
+    one must not leave ten copies in every worker (they stayed until 16 were cached)."""
+    with ForeignPool(1) as pool:
+        calc = parallel_loop(bytes_len, backend=pool, chunksize=1)
+        for loop in range(10):
+            blob = bytes([loop]) * (256 << 10)
+            assert list(calc.map(range(3), blob=blob)) == [(len(blob), loop)] * 3
+        assert pool.submit(cached_broadcasts).result() <= 2
+
+
+def test_dasks_killed_worker_is_a_worker_crash() -> None:
+    """Dask gives up on a chunk whose workers kept dying with its own KilledWorker: that is
+    the WorkerCrashed README promises for an executor's lost workers, its cause kept."""
+    res = parallel_loop(square, backend=KillsWorkers(), on_error="collect").map(range(3))
+    assert [type(f.exception) for f in res.failures] == [WorkerCrashed] * 3
+    assert type(res.failures[0].exception.__cause__).__name__ == "KilledWorker"
 
 
 def test_workers_that_lack_a_broadcast_sent_by_key_get_it_again() -> None:

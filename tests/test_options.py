@@ -34,6 +34,16 @@ from autopar._options import Options, resolve
             ValueError,
             r"^initializer= runs in the workers autopar starts; an executor you pass is used as it is",
         ),
+        (
+            {"backend": ThreadPoolExecutor(1), "max_tasks_per_worker": 5},
+            ValueError,
+            r"^max_tasks_per_worker= applies to the workers autopar starts; an executor you pass",
+        ),
+        (
+            {"backend": ThreadPoolExecutor(1), "start_method": "spawn"},
+            ValueError,
+            r"^start_method= applies to the workers autopar starts; an executor you pass",
+        ),
     ],
 )
 def test_bad_options_name_option_value_and_choices(options: dict[str, Any], error: type, message: str) -> None:
@@ -134,3 +144,22 @@ def test_a_loop_in_a_multiprocessing_pool_worker_runs_serially() -> None:
 
 def _loop_in_a_daemon() -> list[int]:
     return list(parallel_loop(square, workers=2).map(range(3)))
+
+
+def test_a_loop_in_a_multiprocessing_child_lets_the_child_exit() -> None:
+    """A multiprocessing child ends without atexit hooks, after joining its own children:
+    the pool its loop started must be closed before that join, or the child never ends
+    (a loop in a joblib worker, or in any mp.Process, hung its caller at exit)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_loop_in_a_child, args=(results,))
+    child.start()
+    assert results.get(timeout=30) == [0, 1, 4]
+    child.join(timeout=30)
+    assert child.exitcode == 0
+
+
+def _loop_in_a_child(results: Any) -> None:
+    results.put(list(parallel_loop(square, workers=2).map(range(3))))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import multiprocessing
+import multiprocessing.util
 import os
 import threading
 import traceback
@@ -215,6 +216,9 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         # concurrent.futures replaces workers only when they are not forked.
         start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(start_method)
+    if context.get_start_method() not in multiprocessing.get_all_start_methods():
+        # Another library's default context (joblib's loky, in its workers): the platform's own.
+        context = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
     blas_threads = _blas_threads(workers)
     thread_pools = None
     if blas_threads is not None and context.get_start_method() == "fork":
@@ -326,6 +330,8 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
                 # which waits for running work items. A private API, which that module uses.
                 getattr(threading, "_register_atexit", lambda hook: None)(_stop_abandoned)
                 _atexit_registered, _hook_pid = True, os.getpid()
+            if multiprocessing.parent_process() is not None and _finalizer_pid != os.getpid():
+                _close_before_multiprocessing_joins_children()
         _pools[key] = executor  # last: the most recently used
         evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
     for old_executor in evicted:
@@ -333,6 +339,20 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
         # goes to a new pool, as after shutdown()).
         threading.Thread(target=_retire, args=(old_executor,), daemon=True).start()
     return executor
+
+
+_finalizer_pid = 0
+
+
+def _close_before_multiprocessing_joins_children() -> None:
+    """In a multiprocessing child (an ``mp.Process``, a joblib/loky worker): it ends without
+    atexit hooks, after joining its child processes, which would wait forever for our idle
+    workers. A finalizer that multiprocessing runs before that join closes our pools: before
+    the finalizers of its queues too (priority 10), whose feeder threads carry the pools' stop
+    messages."""
+    global _finalizer_pid
+    multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+    _finalizer_pid = os.getpid()
 
 
 def _retire(executor: Executor) -> None:

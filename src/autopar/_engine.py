@@ -472,7 +472,11 @@ class Dispatcher:
             crashed = WorkerCrashed(f"the executor lost a worker while this iteration was in its chunk ({exc})")
             return self._chunk_failed(chunk, crashed, "")
         except Exception as exc:
-            return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
+            if type(exc).__name__ != "KilledWorker":  # Dask's, after the chunk's workers died
+                return self._chunk_failed(chunk, exc, "".join(traceback.format_exception(exc)))
+            crashed = WorkerCrashed(f"the executor lost the workers that ran this iteration's chunk ({exc})")
+            crashed.__cause__ = exc
+            return self._chunk_failed(chunk, crashed, "")
         if isinstance(result, NotCachedHere):
             assert self._by_key is not None
             self._by_key.missed(result.worker)  # and one more chunk, this one, goes in full

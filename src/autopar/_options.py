@@ -219,6 +219,12 @@ def check_combination(options: Options) -> None:
             "initializer= runs in the workers autopar starts; an executor you pass is used as it "
             "is: give it the initializer (ProcessPoolExecutor(initializer=..., initargs=...))"
         )
+    for name in ("max_tasks_per_worker", "start_method"):
+        if getattr(options, name) is not None and isinstance(options.backend, Executor):
+            raise ValueError(
+                f"{name}= applies to the workers autopar starts; an executor you pass is used as it "
+                "is: set it there (ProcessPoolExecutor(max_tasks_per_child=..., mp_context=...))"
+            )
     if options.max_tasks_per_worker is not None and options.start_method == "fork":
         raise ValueError(
             "max_tasks_per_worker needs start_method='spawn' or 'forkserver' (or None): "

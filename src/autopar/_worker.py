@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
-from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload
+from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload, WireError
 from autopar._serialize import (
     describe,
     encode_error,
@@ -43,16 +43,26 @@ __all__ = [
     "thread_pool_controller",
 ]
 
-_CACHE_SIZE = 16
-_SHARED_CACHE_SIZE = 2
-_cache: OrderedDict[str, Any] = OrderedDict()
-_shared_cache: OrderedDict[str, Any] = OrderedDict()
+
+class _Cache(OrderedDict[str, Any]):
+    """What a worker keeps between chunks, least recently used first, ``limit`` at most."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+
+_functions = _Cache(16)  # by content: warm for later loops
+_broadcasts = _Cache(2)  # by loop: a finished loop's (maybe a big array) must not linger
+_shared = _Cache(2)  # anything viewing shared memory keeps its segment mapped
 _cache_lock = threading.Lock()
 _local = threading.local()
 _is_worker_process = False
 _slots: WorkerSlots | None = None
 _initialized_globals: dict[Any, tuple[dict[str, Any], list[str]]] = {}
 """By module name: the initializer's globals, and the names it assigned in them."""
+_initializer_failed: WireError | None = None
+"""What the user's initializer raised in this worker, if it did."""
 _identity = uuid.uuid4().hex
 """This process's name on every result: unique across machines, and new after a fork."""
 
@@ -100,8 +110,15 @@ def initialize_worker(
     if blas_threads is not None:
         _cap_thread_pools(blas_threads, thread_pools)
     if user_initializer is not None:
-        initializer, initargs = loads(user_initializer)
-        _run_initializer(initializer, initargs)
+        try:
+            initializer, initargs = loads(user_initializer)
+            _run_initializer(initializer, initargs)
+        except Exception as exc:
+            # Raised, it would end this worker and break the pool, again and again, hiding
+            # why: the worker stays, and each iteration it is given fails with this.
+            global _initializer_failed
+            exc.add_note(f"in the initializer, in worker process {os.getpid()}: the iteration did not run")
+            _initializer_failed = encode_error(exc, format_worker_traceback(exc))
 
 
 def _run_initializer(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
@@ -212,6 +229,10 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
     A function or broadcast sent by key that this worker lacks is *returned* as
     `NotCachedHere`, nothing run: raised, an executor would log a failed task (Dask does).
     """
+    if _initializer_failed is not None:  # every iteration fails with it, none runs
+        failing: Calls = unpack(chunk.calls)
+        failed = dict.fromkeys(range(len(failing)), _initializer_failed)
+        return ChunkResult(encode_values([None] * len(failing), failing, failed), failed, 0.0, _identity)
     slots = _slots
     if slots is not None:
         if slots.cancelled(chunk.loop_token):  # the loop stopped while this chunk was queued
@@ -221,8 +242,8 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
         slots.running(chunk.chunk_id, LOADING_ARGUMENTS, timed=False)
     try:
         try:
-            function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _callable_here)
-            broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments")
+            function = _unpickle_cached(chunk.function_key, chunk.function, "the function", _functions, _callable_here)
+            broadcast = _unpickle_cached(chunk.broadcast_key, chunk.broadcast, "the keyword arguments", _broadcasts)
         except NotCachedHere as missing:
             return missing
         if slots is not None:
@@ -307,14 +328,17 @@ def _overran(seconds: float, timeout: float, *, stoppable: bool) -> IterationTim
     return IterationTimeout(f"iteration ran {seconds:.3g} s, past timeout={timeout:g} s; {why}; its result was dropped")
 
 
-def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[Any], Any] | None = None) -> Any:
+def _unpickle_cached(
+    key: str, payload: Payload, what: str, cache: _Cache, prepare: Callable[[Any], Any] | None = None
+) -> Any:
     """Unpickle a function or broadcast arguments once per worker (per content, or per
     shared-memory segment), so that a warm worker skips the work on later chunks and loops.
 
     Objects viewing shared memory keep their segment mapped, so at most a few are kept: the
     segment of a finished loop is freed once the last view of it goes.
     """
-    cache = _cache if payload.segment is None else _shared_cache
+    if payload.segment is not None:
+        cache = _shared
     with _cache_lock:
         if key in cache:
             cache.move_to_end(key)
@@ -329,6 +353,6 @@ def _unpickle_cached(key: str, payload: Payload, what: str, prepare: Callable[[A
         value = prepare(value)
     with _cache_lock:
         cache[key] = value
-        while len(cache) > (_CACHE_SIZE if cache is _cache else _SHARED_CACHE_SIZE):
+        while len(cache) > cache.limit:
             cache.popitem(last=False)
     return value
