@@ -74,7 +74,7 @@ def test_stats_derive_speedup_and_efficiency() -> None:
     [
         (
             LoopStats(1.0, 1.9, 100, 2, 1),
-            "100 iterations averaging 19 ms on 2 workers: compute-bound and well balanced",
+            "100 iterations averaging 19 ms on 2 workers: work-bound (not overhead) and well balanced",
         ),
         (
             LoopStats(0.5, 0.4, 100_000, 2, 2048),
@@ -91,13 +91,13 @@ def test_stats_derive_speedup_and_efficiency() -> None:
         (LoopStats(0.4, 0.0, 4, 2, 1, failed=4), "4 of 4 iterations failed: see the failures first"),
         (  # the parent pickles for every worker at once: busy workers mean it keeps up
             LoopStats(1.0, 7.7, 800, 8, 10, bytes_sent=16_000_000, pickle_time=0.31),
-            "800 iterations averaging 9.62 ms on 8 workers: compute-bound and well balanced",
+            "800 iterations averaging 9.62 ms on 8 workers: work-bound (not overhead) and well balanced",
         ),
         (
             LoopStats(0.4, 0.2, 100, 2, 50, bytes_received=1_500_000, pickle_time=0.2),
             "this process spent 50% of the loop pickling arguments and unpickling results (15 kB per iteration)",
         ),
-        (LoopStats(1.0, 1.9, 100, 2, 1, failed=3), "100 iterations averaging 19 ms on 2 workers (3 failed): compute"),
+        (LoopStats(1.0, 1.9, 100, 2, 1, failed=3), "100 iterations averaging 19 ms on 2 workers (3 failed): work"),
     ],
 )
 def test_summary_says_what_limited_the_loop(stats: LoopStats, expected: str) -> None:

@@ -103,7 +103,8 @@ class LoopStats:
             return f"{head}: ran serially ({_seconds(self.wall_time)} in all)."
         verdict = "the serial loop would be faster" if self.speedup < 1 else "speedup is limited"
         if self.efficiency >= 0.8:
-            return f"{head}: compute-bound and well balanced, {self.speedup:.1f}x ({self.efficiency:.0%} efficiency)."
+            balanced = f"{self.speedup:.1f}x ({self.efficiency:.0%} efficiency)"
+            return f"{head}: work-bound (not overhead) and well balanced, {balanced}."
         if self.pickle_time > _PICKLING_SHARE * self.wall_time:  # measured: many small objects
             return (
                 f"{head}: this process spent {self.pickle_time / self.wall_time:.0%} of the loop pickling "
