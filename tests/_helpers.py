@@ -490,6 +490,20 @@ def raise_with_fields(kind: str) -> None:
     raise Residual(float("nan"))
 
 
+def fails_at_once_or_sleeps(x: int) -> int:
+    if x == 0:
+        raise ValueError("fails at once")
+    time.sleep(30)
+    return x
+
+
+def fails_the_first_time(marker: str) -> None:
+    """An initializer that finds what it needs only on its second try (a server not up yet)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ConnectionError("the server is not up yet")
+
+
 def cached_broadcasts() -> int:
     """In a worker: how many loops' broadcast arguments autopar keeps cached."""
     from autopar import _worker

@@ -34,6 +34,7 @@ from _helpers import (
     describe_arg,
     exit_after,
     exit_at,
+    fails_the_first_time,
     flaky_at_3,
     initialized,
     log_start,
@@ -43,6 +44,7 @@ from _helpers import (
     return_fault,
     sleep_then,
     slow_head,
+    square,
     whoami,
 )
 from autopar import IterationTimeout, SerializationError, WorkerCrashed, parallel_loop
@@ -216,6 +218,17 @@ def test_a_failing_initializer_fails_each_iteration_with_its_own_exception() -> 
         assert 'raise RuntimeError("no model")' in failure.traceback
     with pytest.raises(RuntimeError, match="no model"):
         parallel_loop(initialized, workers=2, initializer=broken).map(range(3))
+
+
+def test_a_pool_whose_initializer_failed_is_not_reused(tmp_path: Path) -> None:
+    """The next loop gets new workers, whose initializer may succeed (the server is up now),
+    as when a failing initializer broke the pool; sys.exit() in it is a failure like any."""
+    calc = parallel_loop(square, workers=1, initializer=fails_the_first_time, initargs=(str(tmp_path / "up"),))
+    first = calc.options(on_error="collect").map(range(3))
+    assert [type(f.exception) for f in first.failures] == [ConnectionError] * 3
+    assert list(calc.map(range(3))) == [0, 1, 4]
+    exits = parallel_loop(square, workers=1, initializer=sys.exit, initargs=(3,), on_error="collect").map([1])
+    assert type(exits.failures[0].exception) is SystemExit
 
 
 @pytest.mark.parametrize("backend", ["process", "thread", "serial"])

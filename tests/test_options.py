@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _helpers import nested_loop, pids_inside, square, threads_inside
+from _helpers import ForeignPool, fails_at_once_or_sleeps, nested_loop, pids_inside, square, threads_inside
 from autopar import parallel_loop
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options, resolve
+from conftest import run_script
 
 
 @pytest.mark.parametrize(
@@ -103,6 +107,14 @@ def test_a_loop_inside_a_worker_runs_serially() -> None:
         assert inner == {outer}, "the inner loop ran in the outer iteration's own process"
 
 
+def test_a_loop_inside_a_foreign_executors_worker_runs_serially() -> None:
+    """Its iteration came as a chunk, to a worker process (or thread) of that executor: a pool
+    started there would be a pool of pools (or wait for its own executor's threads)."""
+    with ForeignPool(2) as pool:
+        for outer, inner in parallel_loop(pids_inside, backend=pool).map([3, 3]):
+            assert inner == {outer}
+
+
 def test_a_process_loop_inside_a_thread_iteration_uses_worker_processes() -> None:
     """Threads for the outer loop (downloads), processes for the inner one (CPU work): the
     inner loop is not nested in a worker process, so it runs in the process pool; a thread
@@ -163,3 +175,46 @@ def test_a_loop_in_a_multiprocessing_child_lets_the_child_exit() -> None:
 
 def _loop_in_a_child(results: Any) -> None:
     results.put(list(parallel_loop(square, workers=2).map(range(3))))
+
+
+def test_a_multiprocessing_child_exits_without_waiting_for_an_abandoned_iteration() -> None:
+    """As a main process does: the iteration a raised failure left running is stopped."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_raise_with_one_left_running)
+    started = time.monotonic()
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert time.monotonic() - started < 15, "waited for the 30 s iteration"
+
+
+def _raise_with_one_left_running() -> None:
+    with contextlib.suppress(ValueError):
+        parallel_loop(fails_at_once_or_sleeps, workers=2, chunksize=1).map([0, 1])
+
+
+def test_a_fork_loop_in_a_module_imported_by_spawned_workers_still_runs(tmp_path: Path) -> None:
+    """The guard against loops started while a worker imports the main module is for loops
+    that would start spawn or forkserver workers: a forking one worked there, and still does."""
+    result = run_script(
+        """
+        import multiprocessing
+        from autopar import parallel_loop
+
+        @parallel_loop(workers=2, start_method="fork")
+        def square(x):
+            return x * x
+
+        TABLE = list(square.map(range(4)))
+
+        def lookup(i):
+            return TABLE[i]
+
+        if __name__ == "__main__":
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                print(pool.map(lookup, range(4)))
+        """,
+        tmp_path,
+    )
+    assert result.stdout.strip() == "[0, 1, 4, 9]"

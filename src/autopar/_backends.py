@@ -40,6 +40,7 @@ __all__ = [
     "acquire",
     "discard",
     "forget_processes",
+    "retire",
     "loop_ended",
     "loop_started",
     "post_mortem",
@@ -219,6 +220,12 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
     if context.get_start_method() not in multiprocessing.get_all_start_methods():
         # Another library's default context (joblib's loky, in its workers): the platform's own.
         context = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+    if context.get_start_method() != "fork" and getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "a loop started while a new worker process imports your main module: put the "
+            'script\'s loop under `if __name__ == "__main__":` (workers started by spawn or '
+            "forkserver, and with max_tasks_per_worker, import the main module again)"
+        )
     blas_threads = _blas_threads(workers)
     thread_pools = None
     if blas_threads is not None and context.get_start_method() == "fork":
@@ -335,10 +342,28 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
         _pools[key] = executor  # last: the most recently used
         evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
     for old_executor in evicted:
-        # In the background: a loop may still run on it (it finishes; that loop's next chunk
-        # goes to a new pool, as after shutdown()).
-        threading.Thread(target=_retire, args=(old_executor,), daemon=True).start()
+        _retire_in_background(old_executor)
     return executor
+
+
+def retire(executor: Executor) -> None:
+    """Take a pool out of the warm ones, to be closed once the loops on it are done (its
+    workers' initializer failed: the next loop must start new ones)."""
+    _uncache(executor)
+    _retire_in_background(executor)
+
+
+def _uncache(executor: Executor) -> None:
+    with _pools_lock:
+        for key, cached in list(_pools.items()):
+            if cached is executor:
+                del _pools[key]
+
+
+def _retire_in_background(executor: Executor) -> None:
+    # In the background: a loop may still run on it (it finishes; that loop's next chunk goes
+    # to a new pool, as after shutdown()).
+    threading.Thread(target=_retire, args=(executor,), daemon=True).start()
 
 
 _finalizer_pid = 0
@@ -351,8 +376,13 @@ def _close_before_multiprocessing_joins_children() -> None:
     the finalizers of its queues too (priority 10), whose feeder threads carry the pools' stop
     messages."""
     global _finalizer_pid
-    multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+    multiprocessing.util.Finalize(None, _close_at_child_exit, exitpriority=100)
     _finalizer_pid = os.getpid()
+
+
+def _close_at_child_exit() -> None:
+    _stop_abandoned()  # as at the exit of a main process: not waited for
+    shutdown()
 
 
 def _retire(executor: Executor) -> None:
@@ -366,10 +396,7 @@ def discard(executor: Executor, *, kill: bool = False) -> None:
     With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running);
     a thread pool's running iterations cannot be stopped, so it is not waited for.
     """
-    with _pools_lock:
-        for key, cached in list(_pools.items()):
-            if cached is executor:
-                del _pools[key]
+    _uncache(executor)
     _close(executor, kill=kill, wait=not (kill and isinstance(executor, ThreadPoolExecutor)))
 
 

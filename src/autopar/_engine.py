@@ -61,6 +61,7 @@ from autopar._backends import (
     loop_ended,
     loop_started,
     post_mortem,
+    retire,
 )
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere, WorkerCrashed, fresh_copy
@@ -155,6 +156,7 @@ class Dispatcher:
         foreign = not (backend.local or backend.in_process)  # a Dask, loky, MPI... executor
         self._by_key = _PartsByKey(backend.executor, self.workers, capacity or self.workers) if foreign else None
         self._loop_segments: list[SharedMemory] = []
+        self._failed_setup: dict[int, Executor] = {}  # our pools whose initializer failed
         self.chunksize = 0
         self.consumed = 0
         self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
@@ -224,6 +226,8 @@ class Dispatcher:
                 release(entry.segment, reuse=False)
             for segment in self._loop_segments:
                 release(segment, reuse=not in_flight)
+            for executor in self._failed_setup.values():
+                retire(executor)  # the next loop starts new workers, whose initializer may work
 
     def pools_in_use(self) -> set[int]:
         """Our pools this loop runs on now (by id), read at exit from the main thread: none
@@ -484,6 +488,8 @@ class Dispatcher:
             return Batch([], [], [], 0.0)
         if self._by_key is not None:
             self._by_key.ran_on(result.worker)
+        if result.setup_failed and entry.backend.owned:
+            self._failed_setup[id(entry.backend.executor)] = entry.backend.executor
         self._fruitless_breaks = 0
         received = 0
         if self.in_process:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypeAlias, cast
 
 from autopar._cpus import usable_cpu_count
-from autopar._worker import in_iteration, in_worker_process
+from autopar._worker import in_iteration, in_shipped_iteration, in_worker_process
 
 __all__ = ["BackendName", "Options", "executor_capacity", "resolve", "validate"]
 
@@ -80,18 +80,12 @@ def resolve(options: Options) -> Options:
         if backend_env not in _BACKENDS:
             raise ValueError(f"AUTOPAR_BACKEND={backend_env!r} is not a backend; choose one of {', '.join(_BACKENDS)}")
         options = replace(options, backend=cast(BackendName, backend_env))
-    if options.backend == "process" and getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RuntimeError(
-            "a loop started while a new worker process imports your main module: put the "
-            'script\'s loop under `if __name__ == "__main__":` (workers started by spawn or '
-            "forkserver, and with max_tasks_per_worker, import the main module again)"
-        )
-    # A nested loop runs serially where its workers would be: in a worker process, or, for a
-    # thread pool or executor, inside an iteration already holding one of its threads (waiting
-    # for the others could wait forever). A process loop inside a thread's iteration runs.
+    # A nested loop runs serially where its workers would be: in a worker process (any
+    # executor's: its iteration came as a chunk), or, for a thread pool, inside an iteration
+    # already holding one of its threads (waiting for the others could wait forever). A
+    # process loop inside a thread loop's iteration runs.
     in_process = options.backend in ("thread", "serial") or isinstance(options.backend, ThreadPoolExecutor)
-    nested_in_process = in_iteration() and in_process
-    if in_worker_process() or nested_in_process:
+    if in_worker_process() or in_shipped_iteration() or (in_iteration() and in_process):
         options = replace(options, backend="serial", initializer=None, initargs=())
     elif options.backend == "process" and multiprocessing.current_process().daemon:
         # A daemonic process (a multiprocessing.Pool worker) may not start processes.

@@ -154,6 +154,8 @@ class ChunkResult(NamedTuple):
     seconds: float
     worker: str = ""
     """The worker process that ran it (out of process): which workers hold what was sent by key."""
+    setup_failed: bool = False
+    """The worker's initializer failed: nothing ran, and its pool must not serve later loops."""
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, WorkerSlots, proc
 __all__ = [
     "BLAS_THREAD_VARIABLES",
     "in_iteration",
+    "in_shipped_iteration",
     "in_worker_process",
     "initialize_worker",
     "run_calls",
@@ -113,9 +114,10 @@ def initialize_worker(
         try:
             initializer, initargs = loads(user_initializer)
             _run_initializer(initializer, initargs)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() too
             # Raised, it would end this worker and break the pool, again and again, hiding
-            # why: the worker stays, and each iteration it is given fails with this.
+            # why: the worker stays, and each iteration it is given fails with this (the
+            # engine then retires the pool, so the next loop's workers try again).
             global _initializer_failed
             exc.add_note(f"in the initializer, in worker process {os.getpid()}: the iteration did not run")
             _initializer_failed = encode_error(exc, format_worker_traceback(exc))
@@ -221,6 +223,11 @@ def in_iteration() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
+def in_shipped_iteration() -> bool:
+    """True while this thread runs an iteration sent to it as a `Chunk` (by any executor)."""
+    return getattr(_local, "shipped", 0) > 0
+
+
 def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
     """Run one chunk sent by the parent; every value and exception is pickled on its own.
 
@@ -232,7 +239,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
     if _initializer_failed is not None:  # every iteration fails with it, none runs
         failing: Calls = unpack(chunk.calls)
         failed = dict.fromkeys(range(len(failing)), _initializer_failed)
-        return ChunkResult(encode_values([None] * len(failing), failing, failed), failed, 0.0, _identity)
+        return ChunkResult(encode_values([None] * len(failing), failing, failed), failed, 0.0, _identity, True)
     slots = _slots
     if slots is not None:
         if slots.cancelled(chunk.loop_token):  # the loop stopped while this chunk was queued
@@ -254,7 +261,11 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
             raise ChunkArgumentsError(
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
             ) from exc  # a subclass, which the engine answers by resending call by call
-        values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, slots)
+        _local.shipped = getattr(_local, "shipped", 0) + 1
+        try:
+            values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, slots)
+        finally:
+            _local.shipped -= 1
         if slots is not None:
             slots.running(chunk.chunk_id, SENDING_RESULTS)
         wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
