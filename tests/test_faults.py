@@ -203,31 +203,36 @@ def test_initializer_runs_in_each_worker(start_method: str) -> None:
     assert set(with_lambda.map(range(4))) == {42}
 
 
-def test_a_failing_initializer_fails_each_iteration_with_its_own_exception() -> None:
+@pytest.mark.parametrize(("backend", "where"), [("process", "worker process"), ("thread", "thread 'autopar_")])
+def test_a_failing_initializer_fails_each_iteration_with_its_own_exception(backend: str, where: str) -> None:
     """Not the pool breaking again and again (WorkerCrashed, the cause only on stderr): the
     worker stays, and each iteration it is given fails with what the initializer raised."""
 
     def broken() -> None:
         raise RuntimeError("no model")
 
-    res = parallel_loop(initialized, workers=2, initializer=broken, on_error="collect").map(range(3))
+    calc = parallel_loop(initialized, workers=2, backend=backend, initializer=broken)
+    res = calc.options(on_error="collect").map(range(3))
     assert [f.index for f in res.failures] == [0, 1, 2]
     for failure in res.failures:
         assert isinstance(failure.exception, RuntimeError) and str(failure.exception) == "no model"
-        assert failure.exception.__notes__[0].startswith("in the initializer, in worker process")
+        assert failure.exception.__notes__[0].startswith(f"in the initializer, in {where}")
+        assert failure.exception.__notes__[1].startswith(f"iteration {failure.index}: ")
         assert 'raise RuntimeError("no model")' in failure.traceback
     with pytest.raises(RuntimeError, match="no model"):
-        parallel_loop(initialized, workers=2, initializer=broken).map(range(3))
+        calc.map(range(3))
 
 
-def test_a_pool_whose_initializer_failed_is_not_reused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_pool_whose_initializer_failed_is_not_reused(tmp_path: Path, backend: str) -> None:
     """The next loop gets new workers, whose initializer may succeed (the server is up now),
     as when a failing initializer broke the pool; sys.exit() in it is a failure like any."""
-    calc = parallel_loop(square, workers=1, initializer=fails_the_first_time, initargs=(str(tmp_path / "up"),))
+    up = str(tmp_path / "up")
+    calc = parallel_loop(square, workers=1, backend=backend, initializer=fails_the_first_time, initargs=(up,))
     first = calc.options(on_error="collect").map(range(3))
     assert [type(f.exception) for f in first.failures] == [ConnectionError] * 3
     assert list(calc.map(range(3))) == [0, 1, 4]
-    exits = parallel_loop(square, workers=1, initializer=sys.exit, initargs=(3,), on_error="collect").map([1])
+    exits = calc.options(initializer=sys.exit, initargs=(3,), on_error="collect").map([1])
     assert type(exits.failures[0].exception) is SystemExit
 
 
@@ -358,7 +363,7 @@ def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "a loop started while a new worker process imports your main module" in result.stderr
-    assert 'WorkerCrashed: the worker pool broke 3 times' in result.stderr
+    assert "WorkerCrashed: the worker pool broke 3 times" in result.stderr
     assert 'without `if __name__ == "__main__":`?)' in result.stderr
 
 

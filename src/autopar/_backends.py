@@ -29,7 +29,7 @@ from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
 from autopar._slots import Running, WorkerSlots
-from autopar._worker import BLAS_THREAD_VARIABLES, initialize_worker, thread_pool_controller
+from autopar._worker import BLAS_THREAD_VARIABLES, initialize_thread, initialize_worker, thread_pool_controller
 
 __all__ = [
     "MAX_WARM_POOLS",
@@ -140,7 +140,9 @@ def acquire(options: Options) -> Backend:
         return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
     if backend == "thread":
         key: tuple[Any, ...] = ("thread", workers, *_initializer_key(options))
-        threads = functools.partial(ThreadPoolExecutor, workers, "autopar", options.initializer, options.initargs)
+        initializer = None if options.initializer is None else initialize_thread
+        initargs = (options.initializer, options.initargs)
+        threads = functools.partial(ThreadPoolExecutor, workers, "autopar", initializer, initargs)
         return Backend(_cached(key, threads), True, True, workers)
     key = ("process", workers, options.start_method, *_initializer_key(options), _tasks_per_child(options))
     executor = _cached(key, lambda: _make_process_pool(options, workers))

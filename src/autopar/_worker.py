@@ -38,6 +38,7 @@ __all__ = [
     "in_iteration",
     "in_shipped_iteration",
     "in_worker_process",
+    "initialize_thread",
     "initialize_worker",
     "run_calls",
     "run_chunk",
@@ -275,10 +276,26 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
             slots.idle()
 
 
+def initialize_thread(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
+    """A ``"thread"`` pool's initializer, run in each of its threads. As in a worker process,
+    a failure does not break the pool (every chunk would then fail with `WorkerCrashed`, the
+    cause only logged): each iteration the thread is given fails with it instead."""
+    try:
+        initializer(*initargs)
+    except BaseException as exc:  # sys.exit() too
+        name = threading.current_thread().name
+        exc.add_note(f"in the initializer, in thread {name!r}: the iteration did not run")
+        _local.initializer_failed = (exc, format_worker_traceback(exc))
+
+
 def run_calls(
     function: Callable[..., Any], calls: Calls, broadcast: dict[str, Any], timeout: float | None
 ) -> ChunkResult:
     """Run a chunk in this process, keeping live values and exceptions."""
+    setup_failed: tuple[BaseException, str] | None = getattr(_local, "initializer_failed", None)
+    if setup_failed is not None:  # this thread's initializer failed: none runs
+        failing = {position: Failed(index, *setup_failed) for position, (index, _) in enumerate(calls)}
+        return ChunkResult([None] * len(calls), failing, 0.0, setup_failed=True)
     values, errors, seconds = _run(function, calls, broadcast, timeout, None)
     failed = {position: Failed(calls.index_of(position), exc, tb_text) for position, (exc, tb_text) in errors.items()}
     return ChunkResult(values, failed, seconds)
