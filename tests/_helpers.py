@@ -77,7 +77,9 @@ def raise_refuses_pickling(x: int) -> int:
 
 def raise_unpicklable(x: int) -> int:
     if x == 1:
-        raise Unpicklable("nope")
+        exc = Unpicklable("nope")
+        exc.add_note("raised with a note")
+        raise exc
     return x
 
 

@@ -192,7 +192,8 @@ def test_exception_that_cannot_be_pickled_comes_back_as_a_stand_in() -> None:
     [failure] = res.failures
     assert isinstance(failure.exception, RemoteError)
     assert failure.exception.type_name == "_helpers.Unpicklable" and failure.exception.message == "nope"
-    assert "raise Unpicklable" in failure.traceback
+    assert "raise exc" in failure.traceback
+    assert failure.exception.__notes__ == ["raised with a note", "iteration 1: raise_unpicklable(1)"]
 
 
 def test_exception_that_cannot_be_unpickled_comes_back_as_its_own_type() -> None:

@@ -127,6 +127,8 @@ class WireError(NamedTuple):
     type_name: str
     message: str
     traceback: str
+    notes: tuple[str, ...] = ()
+    """Its ``__notes__``, for the stand-in when it cannot come back as itself."""
 
 
 @dataclass(slots=True)

@@ -222,7 +222,9 @@ def encode_error(exc: BaseException, tb_text: str) -> WireError:
             payload = dumps(_ExceptionParts(type(exc), exc.args, dict(vars(exc)), exception_fields(exc)))
         except Exception:
             payload = None
-    return WireError(payload, _type_name(type(exc)), _text_of(exc), tb_text)
+    notes = getattr(exc, "__notes__", ())
+    notes = tuple(note for note in notes if isinstance(note, str)) if isinstance(notes, list | tuple) else ()
+    return WireError(payload, _type_name(type(exc)), _text_of(exc), tb_text, notes)
 
 
 class _ExceptionParts:
@@ -253,7 +255,10 @@ def _rebuild_exception(wire: WireError) -> BaseException:
                 return exc
         except Exception:
             pass
-    return RemoteError(wire.type_name, wire.message)
+    stand_in = RemoteError(wire.type_name, wire.message)
+    for note in wire.notes:
+        stand_in.add_note(note)
+    return stand_in
 
 
 def _type_name(cls: type) -> str:
