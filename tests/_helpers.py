@@ -75,6 +75,11 @@ def raise_refuses_pickling(x: int) -> int:
     return x
 
 
+def first_even(numbers: list[int]) -> int:
+    """Legacy code: StopIteration when there is none."""
+    return next(n for n in numbers if n % 2 == 0)
+
+
 def raise_unpicklable(x: int) -> int:
     if x == 1:
         exc = Unpicklable("nope")

@@ -18,6 +18,7 @@ from _helpers import (
     UnprintableError,
     fail_on,
     fail_slow_then_fast,
+    first_even,
     raise_base,
     raise_needs_two,
     raise_odd_exceptions,
@@ -125,6 +126,19 @@ def test_imap_raises_at_the_failed_position(backend: dict[str, Any]) -> None:
         for value in it:
             got.append(value)
     assert got == [0, 10, 20]
+
+
+def test_imap_names_the_iteration_whose_stop_iteration_it_cannot_pass_on(backend: dict[str, Any]) -> None:
+    """Raised from an iterator, StopIteration would end the caller's for loop, silently short:
+    a RuntimeError caused by it, as from a generator (PEP 479), names the iteration."""
+    got = []
+    with pytest.raises(RuntimeError, match="iteration 1 raised StopIteration") as caught:
+        for value in parallel_loop(first_even, chunksize=1, **backend).imap([[1, 2], [3, 5], [4]]):
+            got.append(value)
+    assert got == [2]
+    cause = caught.value.__cause__
+    assert isinstance(cause, StopIteration) and cause.__notes__ == ["iteration 1: first_even([3, 5])"]
+    assert [f.index for f in caught.value.partial_result.failures] == [1]  # type: ignore[attr-defined]
 
 
 def test_imap_collect_yields_none_and_lists_failures(backend: dict[str, Any]) -> None:

@@ -131,11 +131,11 @@ class _Collector:
             pickle_time=self.dispatcher.pickle_seconds,
         )
 
-    def raise_first(self, failure: Failure) -> None:
-        """Raise ``failure``'s exception with the results so far attached."""
+    def to_raise(self, failure: Failure) -> BaseException:
+        """``failure``'s exception, with the results so far attached."""
         exc = failure.exception
         set_attribute(exc, "partial_result", self.result())
-        raise exc
+        return exc
 
     def interrupted(self, exc: KeyboardInterrupt) -> None:
         """Ctrl-C: kill the workers, unless it is an iteration's own KeyboardInterrupt, raised
@@ -168,7 +168,7 @@ def run_map(loop: Loop) -> LoopResult[Any]:
                 break
         if first is not None:
             batches.close()
-            collector.raise_first(first)
+            raise collector.to_raise(first)
     except KeyboardInterrupt as exc:  # Ctrl-C here, between batches, closes the engine without it
         collector.interrupted(exc)
         raise
@@ -204,8 +204,20 @@ class LoopIterator(Iterator[R], Generic[R]):
         return self._collector.stats()
 
     def __next__(self) -> R:
-        value: R = next(self._generator)
-        return value
+        try:
+            value: R = next(self._generator)
+        except StopIteration as end:
+            if end.value is None:
+                raise
+            failure: Failure = end.value
+        else:
+            return value
+        exc = self._collector.to_raise(failure)
+        if isinstance(exc, StopIteration):  # raised from __next__, it would end a for loop
+            error = RuntimeError(f"iteration {failure.index} raised StopIteration, which an iterator cannot pass on")
+            set_attribute(error, "partial_result", getattr(exc, "partial_result", None))
+            raise error from exc  # as a generator would (PEP 479), naming the iteration
+        raise exc
 
     def close(self) -> None:
         """Stop the loop: chunks that have not started are cancelled."""
@@ -213,7 +225,8 @@ class LoopIterator(Iterator[R], Generic[R]):
         self._collector.close()  # the generator's own cleanup never ran if it never started
 
 
-def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None]:
+def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Failure | None]:
+    """The results in input order; under "raise", returns the first failure, to be raised."""
     dispatcher = collector.dispatcher
     dispatcher.delivered = 0
     batches = dispatcher.batches()
@@ -228,7 +241,7 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None
                     if next_index in failed_at and on_error == "raise":
                         batches.close()
                         collector.values.put(range(next_index, next_index + len(run) - position), run[position:])
-                        collector.raise_first(failed_at[next_index])
+                        return failed_at[next_index]
                     failed_at.pop(next_index, None)
                     yield value  # the caller has it now: memory stays flat
                     next_index += 1
@@ -239,6 +252,7 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, None
     finally:
         batches.close()
         collector.close()
+    return None
 
 
 def run_imap(loop: Loop) -> LoopIterator[Any]:
