@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import pickle
+import typing
 from typing import Any
 
 import cloudpickle
@@ -32,6 +33,21 @@ def test_metadata_and_signature_are_kept() -> None:
     assert inspect.signature(decorated) == inspect.signature(calc_stuff)
     assert decorated.__module__ == __name__
     assert isinstance(decorated, LoopFunction)
+
+
+def test_annotations_and_attributes_are_the_functions() -> None:
+    """Tools that read annotations (typing.get_type_hints, functools.singledispatch) and
+    attributes see the function's, as through any wrapt proxy, not the wrapper's own."""
+
+    def calc_stuff(parameter: int, *, offset: float = 1.0) -> str:
+        return str(parameter + offset)
+
+    calc_stuff.unit = "m"  # type: ignore[attr-defined]
+    decorated = parallel_loop(workers=2)(calc_stuff)
+    hints = {"parameter": int, "offset": float, "return": str}
+    assert typing.get_type_hints(decorated) == hints == inspect.get_annotations(decorated, eval_str=True)
+    assert decorated.__dict__ == {"unit": "m"}
+    assert typing.get_type_hints(Scaler(2).scale) == typing.get_type_hints(Scaler.scale.__wrapped__)
 
 
 def test_bare_and_called_forms_are_equivalent() -> None:

@@ -43,10 +43,22 @@ class _LoopMethods(Generic[P, R]):
     def __class__(self) -> type[Any]:
         return type(self)
 
-    # Each subclass defines these: what the workers call (picklable, and bound to its
-    # instance for a method), and the options the decorator and .options() gave.
-    _loop_target: Callable[[], Callable[..., Any]]
-    _loop_options: Callable[[], Options]
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        """The function's attributes, as for any wrapt proxy (not this wrapper's own state)."""
+        attributes: dict[str, Any] = self.__wrapped__.__dict__  # type: ignore[attr-defined]
+        return attributes
+
+    # Methods, not annotations: class annotations would hide the function's own
+    # ``__annotations__`` behind the proxy (typing.get_type_hints would read these).
+
+    def _loop_target(self) -> Callable[..., Any]:
+        """What the workers call: picklable, and bound to its instance for a method."""
+        raise NotImplementedError
+
+    def _loop_options(self) -> Options:
+        """The options the decorator and ``.options()`` gave."""
+        raise NotImplementedError
 
     def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
