@@ -132,6 +132,21 @@ def test_imap_yields_in_order_and_reads_input_lazily(backend: dict[str, Any]) ->
         assert read <= 20 + 2 * backend["workers"] * MAX_CHUNK
 
 
+def test_imap_stats_stay_those_of_the_loop_once_it_ended(backend: dict[str, Any]) -> None:
+    """Read after the loop (exhausted, or left with break), the wall time stops at its end."""
+    finished = parallel_loop(square, **backend).imap(range(5))
+    assert list(finished) == [0, 1, 4, 9, 16]
+    left = parallel_loop(square, **backend).imap(range(100))
+    for value in left:
+        if value == 4:
+            break
+    left.close()
+    ended = [finished.stats.wall_time, left.stats.wall_time]
+    time.sleep(0.2)
+    assert [finished.stats.wall_time, left.stats.wall_time] == ended
+    assert finished.stats.iterations == 5
+
+
 def test_imap_over_a_large_input_is_complete(backend: dict[str, Any]) -> None:
     """imap delivers every result of a long input, in order."""
     total = sum(parallel_loop(square, **backend).imap(range(5000)))

@@ -78,6 +78,7 @@ class _Collector:
         self._noted: dict[int, tuple[BaseException, list[str]]] = {}  # by id: and its notes before ours
         self.busy_time = 0.0
         self.started = time.perf_counter()
+        self.ended: float | None = None
         self.remote = not dispatcher.in_process
         self.progress = progress_bar(loop.options.progress, loop.total, loop.name)
 
@@ -120,7 +121,7 @@ class _Collector:
 
     def stats(self) -> LoopStats:
         return LoopStats(
-            wall_time=time.perf_counter() - self.started,
+            wall_time=(self.ended or time.perf_counter()) - self.started,
             busy_time=self.busy_time,
             iterations=self.iterations,
             workers=self.dispatcher.workers,
@@ -144,6 +145,8 @@ class _Collector:
             self.dispatcher.interrupt()
 
     def close(self) -> None:
+        if self.ended is None:
+            self.ended = time.perf_counter()  # an imap's stats, read later, stay those of the loop
         self.progress.close()
 
 
