@@ -218,3 +218,19 @@ def test_a_fork_loop_in_a_module_imported_by_spawned_workers_still_runs(tmp_path
         tmp_path,
     )
     assert result.stdout.strip() == "[0, 1, 4, 9]"
+
+
+def test_an_option_passed_to_map_says_where_options_go() -> None:
+    """``f.map(xs, chunksize=8)``, as for Executor.map, is refused before anything runs; a
+    function that takes such an argument gets it, as any keyword argument of map."""
+    with pytest.raises(TypeError, match=r"square\(\) takes no argument 'chunksize'.*\.options\(chunksize=8\)\.map"):
+        parallel_loop(square).map(range(3), chunksize=8)
+
+    def wait(x: int, timeout: float = 0.0) -> float:
+        return x + timeout
+
+    def anything(x: int, **extra: Any) -> dict[str, Any]:
+        return extra
+
+    assert list(parallel_loop(wait, backend="thread").map([1], timeout=2)) == [3]
+    assert list(parallel_loop(anything, backend="thread").map([1], workers=5)) == [{"workers": 5}]

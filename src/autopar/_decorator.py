@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import wrapt
@@ -62,9 +63,27 @@ class _LoopMethods(Generic[P, R]):
 
     def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
+        if not _OPTION_NAMES.isdisjoint(broadcast):
+            self._refuse_options_as_arguments(broadcast)
         options = resolve(self._loop_options())
         arguments, total, single = calls
         return Loop(self._loop_target(), self._loop_name(), arguments, broadcast, options, total, single)
+
+    def _refuse_options_as_arguments(self, broadcast: dict[str, Any]) -> None:
+        """``f.map(xs, chunksize=8)``, as for ``Executor.map``, would pass ``chunksize`` to every
+        iteration, each failing with "unexpected keyword argument": say where options go."""
+        try:
+            parameters = inspect.signature(self.__wrapped__).parameters  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            return  # a builtin without a signature: let the iterations say
+        if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+            return
+        for name in sorted(_OPTION_NAMES.intersection(broadcast).difference(parameters)):
+            name_value = f"{name}={broadcast[name]!r}"
+            raise TypeError(
+                f"{self._loop_name()}() takes no argument {name!r}, and autopar's options do not go "
+                f"to map(): use .options({name_value}).map(...), or parallel_loop({name_value})"
+            )
 
     def _loop_name(self) -> str:
         wrapped = self.__wrapped__  # type: ignore[attr-defined]
@@ -185,6 +204,9 @@ def _with_options(found: LoopFunction[P, R], options: Options) -> LoopFunction[P
 
 def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
+
+
+_OPTION_NAMES = frozenset(field.name for field in fields(Options))
 
 
 class _Calls(NamedTuple):
