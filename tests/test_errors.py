@@ -321,6 +321,13 @@ def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_not
     notes = [failure.exception.__notes__ for failure in res.failures]
     assert notes == [[f"iteration {i}: {find.__qualname__}({i})"] for i in (1, 3, 5)]
     assert [type(failure.exception) for failure in res.failures] == [LookupError] * 3
+    # Raised again by later loops, it carries only the latest loop's note, not every loop's.
+    prebuilt.add_note("the user's own note")
+    for inputs in ([0, 7], [0, 2, 9]):
+        with pytest.raises(LookupError) as caught:
+            parallel_loop(find, **backend).map(inputs)
+        last = len(inputs) - 1
+        assert caught.value.__notes__ == ["the user's own note", f"iteration {last}: {find.__qualname__}({inputs[-1]})"]
 
 
 def test_an_iterations_exception_is_the_object_it_raised_in_process() -> None:

@@ -14,7 +14,13 @@ from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from autopar._engine import Dispatcher, Loop
-from autopar._errors import RemoteTraceback, add_iteration_note, fresh_copy, set_attribute
+from autopar._errors import (
+    RemoteTraceback,
+    add_iteration_note,
+    drop_earlier_iteration_note,
+    fresh_copy,
+    set_attribute,
+)
 from autopar._progress import progress_bar
 from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
@@ -100,6 +106,7 @@ class _Collector:
             exc = fresh_copy(exc)  # a copy, with the notes it had before another iteration's
             set_attribute(exc, "__notes__", list(seen[1]))
         else:
+            drop_earlier_iteration_note(exc)
             self._noted[id(exc)] = (exc, list(getattr(exc, "__notes__", ())))
         kwargs = dict(self.dispatcher.loop.broadcast)
         note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"

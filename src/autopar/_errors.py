@@ -33,6 +33,7 @@ __all__ = [
     "SerializationError",
     "WorkerCrashed",
     "add_iteration_note",
+    "drop_earlier_iteration_note",
     "exception_fields",
     "fresh_copy",
     "rebuild_exception",
@@ -204,6 +205,9 @@ def _set_fields(exc: BaseException, fields: dict[str, Any]) -> None:
             object.__setattr__(exc, name, value)
 
 
+_ITERATION_NOTE = "_autopar_iteration_note"
+
+
 def add_iteration_note(exc: BaseException, note: str) -> None:
     """Add ``note`` to ``exc`` once, tolerating exceptions that refuse new attributes."""
     notes = list(getattr(exc, "__notes__", ()))
@@ -213,3 +217,13 @@ def add_iteration_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
     except Exception:
         set_attribute(exc, "__notes__", [*notes, note])
+    set_attribute(exc, _ITERATION_NOTE, note)
+
+
+def drop_earlier_iteration_note(exc: BaseException) -> None:
+    """Remove the note an earlier loop added to this very object: in-process, a prebuilt
+    exception (``NOT_FOUND = KeyError(...)``) raised again would pile up every loop's note."""
+    earlier = getattr(exc, _ITERATION_NOTE, None)
+    notes = getattr(exc, "__notes__", None)
+    if earlier is not None and isinstance(notes, list) and earlier in notes:
+        set_attribute(exc, "__notes__", [note for note in notes if note != earlier])
