@@ -27,7 +27,7 @@ from autopar._results import Failure, LoopResult, LoopStats, describe_call
 
 __all__ = ["LoopIterator", "run_imap", "run_map"]
 
-R = TypeVar("R")
+R = TypeVar("R", covariant=True)  # read-only, like LoopResult
 _MISSING: Any = object()
 
 

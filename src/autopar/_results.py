@@ -9,7 +9,13 @@ from typing import Any, Generic, TypeVar, overload
 
 __all__ = ["Failure", "LoopResult", "LoopStats", "describe_call"]
 
-R = TypeVar("R")
+R = TypeVar("R", covariant=True)  # read-only: a LoopResult[Dog] is a LoopResult[Animal]
+_A = TypeVar("_A")
+_B = TypeVar("_B")
+_C = TypeVar("_C")
+_D = TypeVar("_D")
+_E = TypeVar("_E")
+_K = TypeVar("_K")
 
 _PICKLE_BYTES_PER_SECOND = 1e9  # pickling and copying big buffers, both ways, roughly
 _PICKLING_SHARE = 0.25  # of the wall time spent pickling here, beyond which that is the limit
@@ -181,6 +187,32 @@ class LoopResult(Sequence[R], Generic[R]):
             exceptions = [failure.exception for failure in self.failures]
             raise BaseExceptionGroup(f"{len(exceptions)} of {len(self)} iterations failed", exceptions)
 
+    # Typed for the common shapes, so that ``a, b = f.map(xs).unzip()`` types ``a`` and ``b``
+    # from ``f``'s return annotation (a failed iteration's ``fill`` is not in these types).
+    @overload
+    def unzip(self: LoopResult[tuple[_A]], n: int | None = None, *, fill: Any = None) -> tuple[list[_A]]: ...
+    @overload
+    def unzip(
+        self: LoopResult[tuple[_A, _B]], n: int | None = None, *, fill: Any = None
+    ) -> tuple[list[_A], list[_B]]: ...
+    @overload
+    def unzip(
+        self: LoopResult[tuple[_A, _B, _C]], n: int | None = None, *, fill: Any = None
+    ) -> tuple[list[_A], list[_B], list[_C]]: ...
+    @overload
+    def unzip(
+        self: LoopResult[tuple[_A, _B, _C, _D]], n: int | None = None, *, fill: Any = None
+    ) -> tuple[list[_A], list[_B], list[_C], list[_D]]: ...
+    @overload
+    def unzip(
+        self: LoopResult[tuple[_A, _B, _C, _D, _E]], n: int | None = None, *, fill: Any = None
+    ) -> tuple[list[_A], list[_B], list[_C], list[_D], list[_E]]: ...
+    @overload
+    def unzip(self: LoopResult[tuple[_A, ...]], n: int | None = None, *, fill: Any = None) -> tuple[list[_A], ...]: ...
+    @overload
+    def unzip(self: LoopResult[Mapping[_K, _A]], n: int | None = None, *, fill: Any = None) -> dict[_K, list[_A]]: ...
+    @overload
+    def unzip(self, n: int | None = None, *, fill: Any = None) -> Any: ...
     def unzip(self, n: int | None = None, *, fill: Any = None) -> Any:
         """Split multi-output results: a tuple of lists, or a dict of lists for mappings.
 

@@ -1,0 +1,57 @@
+"""Type-checked, never run: what mypy --strict infers for user code (see test_typing.py)."""
+
+from __future__ import annotations
+
+from typing import Any, assert_type
+
+from autopar import LoopIterator, LoopResult, parallel_loop
+
+
+@parallel_loop(workers=2)
+def three(parameter: float) -> tuple[float, int, str]:
+    return parameter, int(parameter), str(parameter)
+
+
+@parallel_loop
+def named(parameter: float) -> dict[str, float]:
+    return {"value": parameter}
+
+
+@parallel_loop
+def ragged(parameter: int) -> tuple[int, ...]:
+    return (parameter,) * parameter
+
+
+@parallel_loop
+def square(x: int) -> int:
+    return x * x
+
+
+class Animal: ...
+
+
+class Dog(Animal): ...
+
+
+@parallel_loop
+def adopt(name: str) -> Dog:
+    return Dog()
+
+
+def animals(result: LoopResult[Animal]) -> list[Animal]:
+    return list(result)
+
+
+def cases() -> None:
+    assert_type(square(3), int)
+    assert_type(square.map(range(3)), LoopResult[int])
+    assert_type(square.imap(range(3)), LoopIterator[int])
+    assert_type(square.map(range(3))[0], int)
+    first, second, third = three.map([1.0, 2.0]).unzip()
+    assert_type(first, list[float])
+    assert_type(second, list[int])
+    assert_type(third, list[str])
+    assert_type(named.map([1.0]).unzip(), dict[str, list[float]])
+    assert_type(ragged.map([1, 2]).unzip(), tuple[list[int], ...])
+    assert_type(square.map([1]).unzip(), Any)  # not a tuple: unzip refuses it at run time
+    animals(adopt.map(["rex"]))  # read-only results are covariant
