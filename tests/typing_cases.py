@@ -38,6 +38,20 @@ def adopt(name: str) -> Dog:
     return Dog()
 
 
+class Model:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @parallel_loop
+    def scale(self, x: int) -> int:
+        return self.factor * x
+
+    @parallel_loop
+    @staticmethod
+    def twice(x: int) -> int:
+        return 2 * x
+
+
 def animals(result: LoopResult[Animal]) -> list[Animal]:
     return list(result)
 
@@ -55,3 +69,9 @@ def cases() -> None:
     assert_type(ragged.map([1, 2]).unzip(), tuple[list[int], ...])
     assert_type(square.map([1]).unzip(), Any)  # not a tuple: unzip refuses it at run time
     animals(adopt.map(["rex"]))  # read-only results are covariant
+    model = Model(3)
+    assert_type(model.scale(2), int)
+    assert_type(Model.scale(model, 2), int)
+    assert_type(model.scale.map([1, 2]), LoopResult[int])
+    assert_type(Model.twice(2), int)
+    assert_type(Model.twice.map([1, 2]), LoopResult[int])

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
 from dataclasses import fields, replace
-from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import wrapt
 
@@ -28,6 +28,9 @@ __all__ = ["BoundLoopFunction", "LoopFunction", "parallel_loop"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Self = TypeVar("_Self")
 
 
 def _plain_call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -141,6 +144,19 @@ class LoopFunction(_LoopMethods[P, R], wrapt.FunctionWrapper[P, R]):
 
     def _loop_options(self) -> Options:
         return self._self_options
+
+    if TYPE_CHECKING:  # wrapt's own __get__ (in C) binds; this says what it gives to mypy,
+        # whose reading of wrapt's stubs loses `map` on a bound method and binds `self` twice.
+
+        @overload  # type: ignore[override]
+        def __get__(self, instance: None, owner: type[Any] | None = None, /) -> LoopFunction[P, R]: ...
+        @overload
+        def __get__(
+            self: LoopFunction[Concatenate[_Self, _P], _R], instance: _Self, owner: type[Any] | None = None, /
+        ) -> BoundLoopFunction[_P, _R]: ...
+        @overload
+        def __get__(self, instance: object, owner: type[Any] | None = None, /) -> BoundLoopFunction[P, R]: ...
+        def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any: ...
 
     @property
     def _autopar_unwrapped(self) -> Callable[P, R]:
