@@ -13,14 +13,14 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import wrapt
 
 from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._engine import Loop
-from autopar._options import Options, resolve, validate
+from autopar._options import OPTION_NAMES, Options, resolve, validate
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads, reduce_with
 
@@ -66,7 +66,7 @@ class _LoopMethods(Generic[P, R]):
 
     def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
-        if not _OPTION_NAMES.isdisjoint(broadcast):
+        if not broadcast.keys().isdisjoint(OPTION_NAMES):
             self._refuse_options_as_arguments(broadcast)
         options = resolve(self._loop_options())
         arguments, total, single = calls
@@ -81,7 +81,7 @@ class _LoopMethods(Generic[P, R]):
             return  # a builtin without a signature: let the iterations say
         if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
             return
-        for name in sorted(_OPTION_NAMES.intersection(broadcast).difference(parameters)):
+        for name in sorted(broadcast.keys() & set(OPTION_NAMES) - parameters.keys()):
             name_value = f"{name}={broadcast[name]!r}"
             raise TypeError(
                 f"{self._loop_name()}() takes no argument {name!r}, and autopar's options do not go "
@@ -220,9 +220,6 @@ def _with_options(found: LoopFunction[P, R], options: Options) -> LoopFunction[P
 
 def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
-
-
-_OPTION_NAMES = frozenset(field.name for field in fields(Options))
 
 
 class _Calls(NamedTuple):

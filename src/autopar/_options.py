@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeAlias, cast
 from autopar._cpus import usable_cpu_count
 from autopar._worker import in_iteration, in_shipped_iteration, in_worker_process
 
-__all__ = ["BackendName", "Options", "executor_capacity", "resolve", "validate"]
+__all__ = ["OPTION_NAMES", "BackendName", "Options", "executor_capacity", "resolve", "validate"]
 
 BackendName: TypeAlias = Literal["process", "thread", "serial"]
 _BACKENDS = ("process", "thread", "serial")
@@ -51,14 +51,14 @@ class Options:
         return merged
 
 
-_OPTION_NAMES = tuple(field.name for field in fields(Options))
+OPTION_NAMES = tuple(field.name for field in fields(Options))
 
 
 def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
     """Check option values, raising a ValueError/TypeError that names option, value and choices."""
-    unknown = sorted(set(changes) - set(_OPTION_NAMES))
+    unknown = sorted(set(changes) - set(OPTION_NAMES))
     if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r}; the options are: {', '.join(_OPTION_NAMES)}")
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
     for name, value in changes.items():
         _CHECKS[name](name, value)
     normalized: dict[str, Any] = {
