@@ -14,7 +14,7 @@ import pytest
 from _helpers import ForeignPool, fails_at_once_or_sleeps, nested_loop, pids_inside, square, threads_inside
 from autopar import parallel_loop
 from autopar._cpus import usable_cpu_count
-from autopar._options import Options, resolve
+from autopar._options import OPTION_NAMES, LoopOptions, Options, resolve
 from conftest import run_script
 
 
@@ -234,3 +234,8 @@ def test_an_option_passed_to_map_says_where_options_go() -> None:
 
     assert list(parallel_loop(wait, backend="thread").map([1], timeout=2)) == [3]
     assert list(parallel_loop(anything, backend="thread").map([1], workers=5)) == [{"workers": 5}]
+
+
+def test_the_typed_keyword_options_are_the_options() -> None:
+    """LoopOptions (what mypy checks) names every option, and nothing else."""
+    assert LoopOptions.__optional_keys__ == set(OPTION_NAMES) and not LoopOptions.__required_keys__

@@ -69,6 +69,12 @@ def cases() -> None:
     assert_type(ragged.map([1, 2]).unzip(), tuple[list[int], ...])
     assert_type(square.map([1]).unzip(), Any)  # not a tuple: unzip refuses it at run time
     animals(adopt.map(["rex"]))  # read-only results are covariant
+    parallel_loop(workers=2, timeout=1.5, backend="thread", on_error="collect")(square)
+    square.options(chunksize=8, start_method="spawn", initargs=(1,))
+    # Misspelt options and wrong values are errors (an unused ignore would fail the check):
+    parallel_loop(worker=4)(square)  # type: ignore[call-overload]
+    square.options(on_error="colect")  # type: ignore[arg-type]
+    square.options(timeout="5")  # type: ignore[arg-type]
     model = Model(3)
     assert_type(model.scale(2), int)
     assert_type(Model.scale(model, 2), int)

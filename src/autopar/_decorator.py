@@ -14,13 +14,13 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, Unpack, overload
 
 import wrapt
 
 from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._engine import Loop
-from autopar._options import OPTION_NAMES, Options, resolve, validate
+from autopar._options import OPTION_NAMES, LoopOptions, Options, resolve, validate
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads, reduce_with
 
@@ -106,7 +106,7 @@ class _LoopMethods(Generic[P, R]):
         up, so memory stays bounded for huge or endless iterables."""
         return run_imap(self._loop(_zip_calls("imap", iterables), kwargs))
 
-    def options(self, **changes: Any) -> LoopFunction[P, R]:
+    def options(self, **changes: Unpack[LoopOptions]) -> LoopFunction[P, R]:
         """A copy of this loop function with some options changed."""
         return LoopFunction(self._loop_target_unbound(), self._loop_options().merge(changes))
 
@@ -277,9 +277,11 @@ def _star_calls(iterable: Iterable[Iterable[Any]]) -> _Calls:
 @overload
 def parallel_loop(function: Callable[P, R], /) -> LoopFunction[P, R]: ...
 @overload
-def parallel_loop(function: None = None, /, **options: Any) -> Callable[[Callable[P, R]], LoopFunction[P, R]]: ...
 def parallel_loop(
-    function: Callable[P, R] | None = None, /, **options: Any
+    function: None = None, /, **options: Unpack[LoopOptions]
+) -> Callable[[Callable[P, R]], LoopFunction[P, R]]: ...
+def parallel_loop(
+    function: Callable[P, R] | None = None, /, **options: Unpack[LoopOptions]
 ) -> LoopFunction[P, R] | Callable[[Callable[P, R]], LoopFunction[P, R]]:
     """Decorate a per-iteration function so that its loop can run in parallel.
 

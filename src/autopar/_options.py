@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, SupportsFloat, SupportsIndex, TypeAlias, TypedDict, cast
 
 from autopar._cpus import usable_cpu_count
 from autopar._worker import in_iteration, in_shipped_iteration, in_worker_process
 
-__all__ = ["OPTION_NAMES", "BackendName", "Options", "executor_capacity", "resolve", "validate"]
+__all__ = ["OPTION_NAMES", "BackendName", "LoopOptions", "Options", "executor_capacity", "resolve", "validate"]
 
 BackendName: TypeAlias = Literal["process", "thread", "serial"]
 _BACKENDS = ("process", "thread", "serial")
@@ -52,6 +52,23 @@ class Options:
 
 
 OPTION_NAMES = tuple(field.name for field in fields(Options))
+
+
+class LoopOptions(TypedDict, total=False):
+    """The options as keyword arguments (of `parallel_loop` and ``.options()``), typed so that
+    mypy catches a misspelt name or a wrong value; whole numbers may be numpy's."""
+
+    workers: SupportsIndex | None
+    backend: BackendName | Executor
+    chunksize: SupportsIndex | None
+    on_error: Literal["raise", "collect"]
+    timeout: float | SupportsFloat | None
+    retries: SupportsIndex
+    progress: bool
+    start_method: Literal["fork", "spawn", "forkserver"] | None
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...] | list[Any]
+    max_tasks_per_worker: SupportsIndex | None
 
 
 def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
