@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from autopar import _cpus
 from autopar._cpus import usable_cpu_count
 
 
@@ -43,3 +44,13 @@ def test_cgroup_v1_unlimited_and_garbage_are_ignored(tmp_path: Path) -> None:
 def test_never_more_than_cpu_count(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("100000000 100000")
     assert usable_cpu_count(tmp_path) <= (os.cpu_count() or 1)
+
+
+def test_a_quota_read_is_used_again_for_a_few_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every loop asks: the files are read again only once the last read is a few seconds old."""
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpu_count(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpu_count(tmp_path) == 1
+    monkeypatch.setattr(_cpus, "QUOTA_REREAD_AFTER", 0.0)
+    assert usable_cpu_count(tmp_path) == affinity()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 __all__ = ["usable_cpu_count"]
@@ -15,10 +16,26 @@ def usable_cpu_count(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     count = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         count = min(count, len(os.sched_getaffinity(0)))
-    quota = _cgroup_cpu_quota(cgroup_root)
+    quota = _recent_cgroup_cpu_quota(cgroup_root)
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
+
+
+QUOTA_REREAD_AFTER = 5.0
+"""Seconds a cgroup quota read is used again: every loop asks (reading the files cost about
+60 us of a loop's fixed cost), and a container's quota rarely changes while it runs."""
+
+_quotas: dict[Path, tuple[float, float | None]] = {}
+
+
+def _recent_cgroup_cpu_quota(root: Path) -> float | None:
+    now = time.monotonic()
+    read_at, quota = _quotas.get(root, (-math.inf, None))
+    if now - read_at >= QUOTA_REREAD_AFTER:
+        quota = _cgroup_cpu_quota(root)
+        _quotas[root] = (now, quota)
+    return quota
 
 
 def _cgroup_cpu_quota(root: Path) -> float | None:
