@@ -191,6 +191,24 @@ def test_max_tasks_per_worker_replaces_workers() -> None:
     assert len(set(pids)) == 4
 
 
+@pytest.mark.timeout(40)
+def test_max_tasks_per_worker_pool_shared_by_two_threads_finishes() -> None:
+    """With a backlog (two loops on one pool), concurrent.futures may not replace a worker that
+    exited at its limit (CPython gh-115634), and both loops waited forever: it now is."""
+    calc = parallel_loop(whoami, workers=2, max_tasks_per_worker=2)
+    done: list[int] = []
+
+    def loop() -> None:
+        done.append(len(calc.map(range(20))))
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert done == [20, 20]
+
+
 def test_max_tasks_per_worker_refuses_fork() -> None:
     with pytest.raises(ValueError, match="max_tasks_per_worker needs start_method='spawn' or 'forkserver'"):
         parallel_loop(whoami, max_tasks_per_worker=2, start_method="fork")

@@ -233,7 +233,8 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
     if blas_threads is not None and context.get_start_method() == "fork":
         thread_pools = thread_pool_controller()  # forked workers inherit it: no pickling
     slots = WorkerSlots(4 * workers, context)
-    executor = ProcessPoolExecutor(
+    pool = ProcessPoolExecutor if options.max_tasks_per_worker is None else _ReplacingProcessPool
+    executor = pool(
         max_workers=workers,
         mp_context=context,
         initializer=initialize_worker,
@@ -245,6 +246,24 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
     # drops it, and the exit codes in it say which worker died first.
     _processes_of[id(executor)] = executor._processes  # type: ignore[assignment]
     return executor
+
+
+class _ReplacingProcessPool(ProcessPoolExecutor):
+    """A pool whose worker that exited at ``max_tasks_per_child`` is always replaced.
+
+    concurrent.futures before 3.15 may leave it unreplaced (CPython gh-115634): it asks its
+    idle-worker semaphore first, which can hold a token from a task finished while a backlog
+    was queued, and then the queued chunks wait forever (two threads looping on one such pool
+    hung). As in the fix upstream, the manager thread replaces an exited worker whenever the
+    pool is short of one.
+    """
+
+    def _adjust_process_count(self) -> None:
+        manager: object = self._executor_manager_thread
+        if threading.current_thread() is manager and len(self._processes) < self._max_workers:  # type: ignore[attr-defined]
+            self._spawn_process()  # type: ignore[attr-defined]
+        else:
+            super()._adjust_process_count()
 
 
 def _blas_threads(workers: int) -> int | None:
