@@ -191,6 +191,28 @@ def test_max_tasks_per_worker_replaces_workers() -> None:
     assert len(set(pids)) == 4
 
 
+def test_a_timeout_stays_a_timeout_under_an_inherited_sigterm_handler(tmp_path: Path) -> None:
+    """Forked workers inherit the script's SIGTERM handler; stopping an overdue worker ran it,
+    and its sys.exit(3) came back as the iteration's failure, ending the program."""
+    source = """
+    import signal, sys, time
+    from autopar import IterationTimeout, parallel_loop
+
+    @parallel_loop(workers=2, timeout=0.5, start_method="fork", chunksize=1)
+    def work(x):
+        if x == 1:
+            time.sleep(30)
+        return x
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, lambda *args: sys.exit(3))
+        res = work.options(on_error="collect").map(range(3))
+        print([type(f.exception).__name__ for f in res.failures], list(res))
+    """
+    result = run_script(source, tmp_path)
+    assert "['IterationTimeout'] [0, None, 2]" in result.stdout
+
+
 @pytest.mark.timeout(40)
 def test_max_tasks_per_worker_pool_shared_by_two_threads_finishes() -> None:
     """With a backlog (two loops on one pool), concurrent.futures may not replace a worker that

@@ -106,6 +106,9 @@ def initialize_worker(
         slots.claim()
         _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM handler inherited from the parent by fork (sys.exit in it, say) would turn the
+    # stop of an overdue iteration into that iteration's own exception, raised in the parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A bare thread: threading.Thread.start() waits until the new thread runs, which cost a
     # cold start 1-5 ms per worker on a busy machine. The watchdog only ever exits the process.
     _thread.start_new_thread(_exit_with_parent, (parent or os.getppid(),))
