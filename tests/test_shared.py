@@ -174,6 +174,48 @@ def test_segments_of_a_killed_parent_are_removed(tmp_path: Path) -> None:
     assert not any((DEV_SHM / name).exists() for name in created)
 
 
+def test_ctrl_c_at_any_moment_leaves_no_segment(tmp_path: Path) -> None:
+    """Ctrl-C landing between a segment's creation and the loop's bookkeeping of it left it to
+    no one: after shutdown(), or for good when it landed inside SharedMemory() itself."""
+    pytest.importorskip("numpy")
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, random, signal, threading, time
+            import numpy as np
+            import autopar
+            from autopar import parallel_loop
+
+            def first(a, table):
+                return float(a[0] + table[0])
+
+            if __name__ == "__main__":
+                calc = parallel_loop(first, workers=2, start_method="spawn")
+                chance = random.Random(21)
+                arrays = [np.full(100_000, float(i)) for i in range(40)]
+                for trial in range(24):
+                    timer = threading.Timer(chance.uniform(0, 0.3), os.kill, (os.getpid(), signal.SIGINT))
+                    timer.start()
+                    try:
+                        calc.map(arrays, table=np.zeros(4_000_000))
+                        time.sleep(0.35)
+                    except KeyboardInterrupt:
+                        pass
+                    timer.join()
+                autopar.shutdown()
+                print(sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"autopar_{os.getpid()}_")), os.getpid())
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    left, pid = result.stdout.split("] ")
+    assert left == "[", f"segments left after shutdown(): {left}]"
+    assert "leaked shared_memory" not in result.stderr
+    assert not [name for name in os.listdir(DEV_SHM) if name.startswith(segment_prefix(int(pid)))]
+
+
 def test_function_is_unpickled_once_per_worker(tmp_path: Path) -> None:
     """The function is unpickled once in each worker and kept warm across calls."""
     log = tmp_path / "loads"

@@ -155,7 +155,10 @@ class Dispatcher:
         backend = self._backend
         foreign = not (backend.local or backend.in_process)  # a Dask, loky, MPI... executor
         self._by_key = _PartsByKey(backend.executor, self.workers, capacity or self.workers) if foreign else None
-        self._loop_segments: list[SharedMemory] = []
+        # Segments this loop created and has not released (pack adds them at once: a Ctrl-C
+        # landing on the way to the chunk's bookkeeping leaves none to no one).
+        self._loop_segments: set[SharedMemory] = set()  # the function and broadcast arguments
+        self._chunk_segments: set[SharedMemory] = set()
         self._failed_setup: dict[int, Executor] = {}  # our pools whose initializer failed
         self.chunksize = 0
         self.consumed = 0
@@ -207,7 +210,7 @@ class Dispatcher:
                 if self._broke_our_pool(future, entry):
                     yield from self._recover(entry)
                 else:
-                    release(entry.segment)
+                    self._release(entry.segment)
                     yield self._collect(future, entry)
         except KeyboardInterrupt:
             self.interrupt()
@@ -221,11 +224,12 @@ class Dispatcher:
                 if backend.slots is not None:
                     backend.slots.cancel(self._loop_token)
                     abandon(backend, [entry.chunk_id for entry in in_flight.values() if entry.backend is backend])
-            for future, entry in in_flight.items():
+            for future in in_flight:
                 future.cancel()
-                release(entry.segment, reuse=False)
-            for segment in self._loop_segments:
-                release(segment, reuse=not in_flight)
+            for segment in list(self._chunk_segments):  # in flight, or caught by Ctrl-C on the way
+                self._release(segment, reuse=False)
+            for segment in list(self._loop_segments):
+                release(segment, reuse=not in_flight, owner=self._loop_segments)
             for executor in self._failed_setup.values():
                 retire(executor)  # the next loop starts new workers, whose initializer may work
 
@@ -283,6 +287,9 @@ class Dispatcher:
         self.chunksize = max(self.chunksize, len(chunk))
         return chunk
 
+    def _release(self, segment: SharedMemory | None, *, reuse: bool = True) -> None:
+        release(segment, reuse=reuse, owner=self._chunk_segments)
+
     def _backend_or_acquire(self) -> Backend:
         if self._backend is None:
             self._backend = acquire(self.options)
@@ -305,7 +312,7 @@ class Dispatcher:
                 function, broadcast, sent_as = self._by_key.choose(function, broadcast)
             started = time.perf_counter()
             try:
-                payload, segment = pack(chunk, shared=backend.local)
+                payload, segment = pack(chunk, shared=backend.local, owner=self._chunk_segments)
             except Exception:
                 good, failed = split_unpicklable(chunk)
                 calls = dict(chunk)
@@ -315,7 +322,7 @@ class Dispatcher:
                 chunk = Calls.of(good)
                 if not chunk:
                     return None, None, refused
-                payload, segment = pack(chunk, shared=backend.local)
+                payload, segment = pack(chunk, shared=backend.local, owner=self._chunk_segments)
             self.pickle_seconds += time.perf_counter() - started
             nbytes = _size(payload)
             self.bytes_sent += nbytes + len(function.data) + len(broadcast.data)
@@ -334,10 +341,10 @@ class Dispatcher:
         try:
             sent = self._send(backend, call)
         except BaseException:
-            release(segment)
+            self._release(segment)
             raise
         if isinstance(sent, BrokenExecutor):  # a user's executor: its calls fail, the loop goes on
-            release(segment)
+            self._release(segment)
             error = WorkerCrashed(f"the executor cannot run this iteration: {sent}")
             return None, None, _merge(refused, self._chunk_failed(chunk, error, ""))
         future, backend = sent
@@ -388,13 +395,11 @@ class Dispatcher:
             parts: list[Any] = []
             for obj in (self.loop.function, self.loop.broadcast):
                 try:
-                    payload, segment = pack(obj, shared=backend.local)
+                    payload, _ = pack(obj, shared=backend.local, owner=self._loop_segments)
                 except Exception as exc:
                     broadcast = self.loop.broadcast
                     what = _culprit(broadcast) if obj is broadcast else f"the function {self.loop.name}"
                     raise stage_error(f"{what} could not be pickled, so no iteration can run", exc) from exc
-                if segment is not None:
-                    self._loop_segments.append(segment)
                 self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
                 key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
                 parts += [key, payload]
@@ -556,7 +561,7 @@ class Dispatcher:
         if self._backend is backend:
             self._backend = None
         for entry in lost:
-            release(entry.segment)
+            self._release(entry.segment)
         pool = id(backend.executor)  # forget every worker of this pool we stopped
         overdue = {pid: self._overdue.pop((at, pid)) for at, pid in list(self._overdue) if at == pool}
         blamed: dict[int, dict[int, Failed]] = {}

@@ -25,7 +25,9 @@ import itertools
 import mmap
 import os
 import pickle
+import signal
 import threading
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -51,10 +53,11 @@ _names = itertools.count()
 _atexit_registered = False
 
 
-def pack(obj: Any, *, shared: bool) -> tuple[Payload, SharedMemory | None]:
+def pack(obj: Any, *, shared: bool, owner: set[SharedMemory] | None = None) -> tuple[Payload, SharedMemory | None]:
     """Pickle ``obj``; with ``shared``, move its large buffers into a new segment.
 
-    The caller owns the returned segment and must `release` it once workers are done.
+    The caller owns the returned segment and must `release` it once workers are done; it is in
+    ``owner`` from the moment it exists, so that a Ctrl-C on the way cannot strand it.
     """
     if not shared:
         return Payload(dumps(obj)), None
@@ -70,18 +73,43 @@ def pack(obj: Any, *, shared: bool) -> tuple[Payload, SharedMemory | None]:
         offset += -(-raw.nbytes // _ALIGN) * _ALIGN
     if not _room_for(offset):  # a small /dev/shm (containers): stay in the pickle
         return Payload(dumps(obj)), None
-    segment = _take(offset)
-    target = segment.buf
-    assert target is not None
+    with _interrupts_deferred():  # created and owned, or neither
+        segment = _take(offset)
+        if owner is not None:
+            owner.add(segment)
     try:
+        target = segment.buf
+        assert target is not None
         for raw, (start, length) in zip(pieces, spans, strict=True):
             target[start : start + length] = raw
+        if len(pieces) > len(buffers):  # the pickle itself is the last piece
+            return Payload(b"", segment.name, tuple(spans[:-1]), next(_uses), spans[-1]), segment
+        return Payload(data, segment.name, tuple(spans), next(_uses)), segment
     except BaseException:
-        release(segment)
+        release(segment, owner=owner)
         raise
-    if len(pieces) > len(buffers):  # the pickle itself is the last piece
-        return Payload(b"", segment.name, tuple(spans[:-1]), next(_uses), spans[-1]), segment
-    return Payload(data, segment.name, tuple(spans), next(_uses)), segment
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C off while a segment is created and handed to its owner: landing inside
+    SharedMemory(), before the resource tracker knew of it, it left the segment in /dev/shm
+    until reboot. Python runs signal handlers in the main thread only: elsewhere there is
+    nothing to hold off."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # another thread, or a handler set outside Python
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # to the handler it was meant for, now
 
 
 def _room_for(size: int) -> bool:
@@ -151,22 +179,25 @@ def _map_read_only(name: str) -> memoryview:
     return segment.buf.toreadonly()
 
 
-def release(segment: SharedMemory | None, *, reuse: bool = True) -> None:
-    """Give back a segment the parent created. With ``reuse`` (no worker can still read it)
-    it may be kept for a later `pack`; otherwise, or when enough are kept, it is removed, and
-    views workers still hold stay valid until they drop them."""
+def release(segment: SharedMemory | None, *, reuse: bool = True, owner: set[SharedMemory] | None = None) -> None:
+    """Give back a segment the parent created (and take it out of ``owner``). With ``reuse``
+    (no worker can still read it) it may be kept for a later `pack`; otherwise, or when enough
+    are kept, it is removed, and views workers still hold stay valid until they drop them."""
     if segment is None:
         return
     global _atexit_registered
-    if reuse:
-        with _free_lock:
-            if sum(kept.size for kept in _free_here()) + segment.size <= _keep_limit():
-                _free.append(segment)
-                if not _atexit_registered:
-                    atexit.register(shutdown)
-                    _atexit_registered = True
-                return
-    _remove(segment)
+    with _interrupts_deferred():  # given back and removed (or kept), or neither
+        if owner is not None:
+            owner.discard(segment)
+        if reuse:
+            with _free_lock:
+                if sum(kept.size for kept in _free_here()) + segment.size <= _keep_limit():
+                    _free.append(segment)
+                    if not _atexit_registered:
+                        atexit.register(shutdown)
+                        _atexit_registered = True
+                    return
+        _remove(segment)
 
 
 def _keep_limit() -> int:
