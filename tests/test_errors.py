@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copyreg
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +329,32 @@ def test_one_exception_object_raised_by_several_iterations_gets_each_its_own_not
             parallel_loop(find, **backend).map(inputs)
         last = len(inputs) - 1
         assert caught.value.__notes__ == ["the user's own note", f"iteration {last}: {find.__qualname__}({inputs[-1]})"]
+
+
+def _sharing_dict(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls(*args)
+    exc.__dict__ = state
+    return exc
+
+
+@pytest.mark.parametrize("backend", ["thread", "serial"])
+def test_copies_have_notes_of_their_own_under_a_copyreg_reducer(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing Dask installs tblib's reducers, under which copy.copy(exc) shares the
+    original's __dict__: every copy of a prebuilt exception then had the last note."""
+    monkeypatch.setitem(
+        copyreg.dispatch_table, LookupError, lambda exc: (_sharing_dict, (type(exc), exc.args, exc.__dict__))
+    )
+    prebuilt = LookupError("not found")
+
+    def find(x: int) -> int:
+        if x % 2:
+            raise prebuilt
+        return x
+
+    res = parallel_loop(find, backend=backend, on_error="collect").map(range(6))
+    assert [failure.exception.__notes__ for failure in res.failures] == [
+        [f"iteration {i}: {find.__qualname__}({i})"] for i in (1, 3, 5)
+    ]
 
 
 def test_an_iterations_exception_is_the_object_it_raised_in_process() -> None:

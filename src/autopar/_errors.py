@@ -156,6 +156,10 @@ def _copy_of(exc: BaseException) -> BaseException | None:
     without ``__init__``. Either way with its `exception_fields`."""
     try:
         fresh = copy.copy(exc)
+        if getattr(fresh, "__dict__", None) is getattr(exc, "__dict__", False):
+            # A copyreg reducer may hand the copy the original's own __dict__ (tblib's, which
+            # importing Dask installs): the copy's note would then be the original's too.
+            object.__setattr__(fresh, "__dict__", dict(vars(exc)))
         if fresh.args == exc.args and str(fresh) == str(exc):
             _set_fields(fresh, exception_fields(exc))  # beyond what reduce carries
             return fresh
