@@ -287,6 +287,8 @@ _abandoned: dict[int, deque[int]] = {}
 class _Loop(Protocol):
     def pools_in_use(self) -> set[int]: ...
 
+    def chunks_in_flight(self) -> dict[int, list[int]]: ...
+
 
 _live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
 _live_loops_lock = threading.Lock()
@@ -322,9 +324,16 @@ def _stop_abandoned() -> None:
     try:
         with _live_loops_lock:
             loops = list(_live_loops)
-        busy = {pool for loop in loops for pool in loop.pools_in_use()}
+        in_use = [loop.pools_in_use() for loop in loops]
+        busy = set().union(*in_use)
         with _stopped_lock:
             abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
+        for loop, pools in zip(loops, in_use, strict=True):
+            if not pools:  # none can go on with it (an imap the main thread left unfinished)
+                for pool, left in loop.chunks_in_flight().items():
+                    if pool not in busy:
+                        abandoned.setdefault(pool, set()).update(left)
+        with _stopped_lock:
             processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
         for pool, chunks in abandoned.items():
             slots = _slots_of.get(pool)

@@ -243,6 +243,14 @@ class Dispatcher:
         backends = [entry.backend for entry in list(self._in_flight.values())] + [self._backend]
         return {id(backend.executor) for backend in backends if backend is not None and backend.owned}
 
+    def chunks_in_flight(self) -> dict[int, list[int]]:
+        """The chunks this loop has in flight on our pools, by pool (its id)."""
+        chunks: dict[int, list[int]] = {}
+        for entry in list(self._in_flight.values()):
+            if entry.backend.owned:
+                chunks.setdefault(id(entry.backend.executor), []).append(entry.chunk_id)
+        return chunks
+
     def interrupt(self) -> None:
         """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
         backend = self._backend
