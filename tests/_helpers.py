@@ -207,7 +207,11 @@ def _raise() -> None:
     raise RuntimeError("injected")
 
 
-FAULTS = {"raise": _raise, "exit": _exit, "segfault": _segfault}
+def _hang() -> None:
+    time.sleep(60)
+
+
+FAULTS = {"raise": _raise, "exit": _exit, "segfault": _segfault, "hang": _hang}
 
 
 def _fault_then(fault: str, value: Any) -> Any:

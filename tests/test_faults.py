@@ -97,6 +97,7 @@ CASES: list[Any] = [
     ("result pickle", "raise", SerializationError, "result of iteration 3 could not be pickled: RuntimeError: inj"),
     ("result pickle", "exit", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
     ("result pickle", "segfault", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
+    ("result pickle", "hang", IterationTimeout, "pickling this iteration's result ran longer than timeout=1 s"),
     ("result unpickle", "raise", SerializationError, "result of iteration 3 could not be unpickled: RuntimeError"),
     ("exception pickle", "raise", ErrorFailsToPickle, "raise"),  # rebuilt from its class, args and __dict__
     ("exception pickle", "exit", WorkerCrashed, "worker process {pid} died while pickling this iteration's result"),
@@ -110,6 +111,7 @@ def run_case(where: str, how: str, start_method: str) -> autopar.LoopResult[Any]
     if where.startswith("argument"):
         return parallel_loop(describe_arg, **options).map(arguments(where.split()[1], how))
     if where.startswith("result"):
+        options["timeout"] = 1.0  # pickling the result counts, or a hung __reduce__ would hang the loop
         return parallel_loop(return_fault, **options).map(range(8), kind=where.split()[1], fault=how)
     return parallel_loop(raise_fault, **options).map(range(8), fault=how)
 

@@ -576,8 +576,9 @@ class Dispatcher:
         for pid, exit_code in exit_codes.items():
             where = overdue.get(pid) if pid in stopped else None
             if where is not None:
+                doing = _STAGES.get(where.position, "the iteration")  # pickling: a hung __reduce__ too
                 error: BaseException = IterationTimeout(
-                    f"the iteration ran longer than timeout={self.options.timeout:g} s; "
+                    f"{doing} ran longer than timeout={self.options.timeout:g} s; "
                     f"its worker (pid {pid}) was stopped and replaced"
                 )
             elif pid in stopped:
@@ -720,11 +721,14 @@ def _death(pid: int, exit_code: int, position: int) -> str:
         how = f"killed by {name}{_SIGNAL_HINTS.get(name, '')}"
     else:
         how = f"exited with code {exit_code}"
-    doing = {
-        LOADING_ARGUMENTS: "while unpickling this iteration's arguments",
-        SENDING_RESULTS: "while pickling this iteration's result",
-    }.get(position, "while running this iteration")
-    return f"worker process {pid} died {doing}: {how}"
+    return f"worker process {pid} died while {_STAGES.get(position, 'running this iteration')}: {how}"
+
+
+_STAGES = {
+    LOADING_ARGUMENTS: "unpickling this iteration's arguments",
+    SENDING_RESULTS: "pickling this iteration's result",
+}
+"""What a worker does around an iteration, by the position its slot shows then."""
 
 
 _SIGNAL_HINTS = {
