@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -552,3 +553,13 @@ class ForeignPool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def waits_on_a_tool(x: int, pid_file: str) -> int:
+    """At x == 1: start an external tool (a 60 s sleep), note its pid, and wait for it."""
+    if x == 1:
+        tool = subprocess.Popen(["sleep", "60"])
+        with open(pid_file, "w") as out:
+            out.write(str(tool.pid))
+        tool.wait()
+    return x

@@ -45,11 +45,13 @@ from _helpers import (
     sleep_then,
     slow_head,
     square,
+    waits_on_a_tool,
     whoami,
 )
 from autopar import IterationTimeout, SerializationError, WorkerCrashed, parallel_loop
 from autopar._chunking import MAX_CHUNK
 from autopar._shared import segment_prefix
+from autopar._slots import process_exists
 from conftest import run_script, worker_children
 
 DEV_SHM = Path("/dev/shm")
@@ -191,6 +193,20 @@ def test_a_hung_iteration_that_outlives_its_loop_is_still_stopped() -> None:
 def test_max_tasks_per_worker_replaces_workers() -> None:
     pids = parallel_loop(whoami, workers=1, max_tasks_per_worker=2).map(range(8))
     assert len(set(pids)) == 4
+
+
+def test_a_stopped_iteration_takes_the_processes_it_started_along(tmp_path: Path, start_method: str) -> None:
+    """An iteration waiting on an external tool past its timeout: the tool is stopped with its
+    worker, not left running under init (joblib's loky stops the whole tree too)."""
+    pid_file = tmp_path / "tool"
+    calc = parallel_loop(waits_on_a_tool, workers=2, chunksize=1, timeout=1.0, start_method=start_method)
+    res = calc.options(on_error="collect").map(range(3), pid_file=str(pid_file))
+    assert [type(f.exception) for f in res.failures] == [IterationTimeout]
+    tool = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while process_exists(tool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_exists(tool), "the tool was left running"
 
 
 def test_a_timeout_stays_a_timeout_under_an_inherited_sigterm_handler(tmp_path: Path) -> None:

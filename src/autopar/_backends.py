@@ -10,10 +10,12 @@ shut down by autopar.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import threading
 import traceback
 import weakref
@@ -28,7 +30,7 @@ from autopar import _shared
 from autopar._cpus import usable_cpu_count
 from autopar._options import Options
 from autopar._serialize import dumps
-from autopar._slots import Running, WorkerSlots
+from autopar._slots import Running, WorkerSlots, descendants, process_exists
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_thread, initialize_worker, thread_pool_controller
 
 __all__ = [
@@ -92,16 +94,25 @@ class Backend:
             return False
         if not _mark_stopped(id(self.executor), [pid]):
             return False  # the pool is closed and forgotten already
+        started = descendants([pid])  # by the iteration: they go with it
         process.terminate()
+        _signal_all(started, signal.SIGTERM)
 
         def kill_if_still_there() -> None:
             if process.exitcode is None:  # the pid is not reused before the pool reaps it
                 process.kill()
+            _signal_all([child for child in started if process_exists(child)], signal.SIGKILL)
 
         timer = threading.Timer(grace, kill_if_still_there)
         timer.daemon = True
         timer.start()
         return True
+
+
+def _signal_all(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            os.kill(pid, signum)
 
 
 _pools: dict[tuple[Any, ...], Executor] = {}
@@ -441,9 +452,12 @@ def _close(executor: Executor, *, kill: bool = False, wait: bool = True) -> None
     descriptor a new pool already reuses.)"""
     if kill:  # at once, even while another thread is closing the pool (and waits for them)
         processes = list(_processes_of.get(id(executor), {}).values())
-        _mark_stopped(id(executor), [p.pid for p in processes if p.pid])
+        pids = [p.pid for p in processes if p.pid]
+        _mark_stopped(id(executor), pids)
+        started = descendants(pids)  # by their iterations: nothing may keep running
         for process in processes:
             process.kill()
+        _signal_all(started, signal.SIGKILL)
     with _closing_lock:
         known = _closing.get(id(executor))
         if known is not None and known[0] is executor:

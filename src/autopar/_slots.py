@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from multiprocessing.context import BaseContext
 from typing import Any, NamedTuple
 
-__all__ = ["IDLE", "LOADING_ARGUMENTS", "SENDING_RESULTS", "UNTIMED", "Running", "WorkerSlots", "process_exists"]
+__all__ = [
+    "IDLE",
+    "LOADING_ARGUMENTS",
+    "SENDING_RESULTS",
+    "UNTIMED",
+    "Running",
+    "WorkerSlots",
+    "descendants",
+    "process_exists",
+]
 
 IDLE = -1
 """Chunk id of a worker between chunks (chunk ids count up from 0)."""
@@ -137,3 +147,29 @@ def process_exists(pid: int) -> bool:
             return stat.read().rpartition(b")")[2].split()[0] != b"Z"
     except OSError:
         return True  # no /proc here: trust kill()
+
+
+def descendants(pids: Iterable[int]) -> list[int]:
+    """The processes these started (an iteration's subprocess, say), and theirs: stopping a
+    worker must not leave them running, re-parented to init. Read from /proc (Linux); none
+    where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    fields = stat.read().rpartition(b")")[2].split()  # after the name, which may hold ")"
+            except OSError:
+                continue  # ended meanwhile
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
