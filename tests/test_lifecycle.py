@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from _helpers import (
 )
 from autopar import _backends, parallel_loop
 from autopar._backends import MAX_WARM_POOLS
-from conftest import worker_children
+from conftest import run_script, worker_children
 
 
 def test_pools_are_reused_across_calls() -> None:
@@ -186,3 +187,28 @@ def test_warm_pools_are_bounded_and_the_least_recently_used_is_closed() -> None:
     new_pools(MAX_WARM_POOLS)
     assert set(tracked.map(range(2))).isdisjoint(first), "the least recently used pool was closed"
     assert len(_backends._pools) == MAX_WARM_POOLS
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_loop_in_an_atexit_handler_is_refused_saying_why(tmp_path: Path, warm: bool) -> None:
+    """As concurrent.futures refuses new work then; the error said "can't register atexit
+    after shutdown" (after starting a pool nothing would close), or blamed a thread."""
+    source = f"""
+    import atexit
+    from autopar import parallel_loop
+
+    def square(x):
+        return x * x
+
+    @atexit.register
+    def at_exit():
+        try:
+            parallel_loop(square, workers=2).map(range(3))
+        except RuntimeError as exc:
+            print(exc)
+
+    if __name__ == "__main__" and {warm!r}:
+        parallel_loop(square, workers=2).map(range(2))
+    """
+    result = run_script(source, tmp_path)
+    assert "no loop can start in an atexit handler" in result.stdout

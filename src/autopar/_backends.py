@@ -35,6 +35,7 @@ from autopar._worker import BLAS_THREAD_VARIABLES, initialize_thread, initialize
 
 __all__ = [
     "MAX_WARM_POOLS",
+    "SHUTTING_DOWN",
     "abandon",
     "Backend",
     "PostMortem",
@@ -114,6 +115,11 @@ def _signal_all(pids: Iterable[int], signum: int) -> None:
         with contextlib.suppress(OSError):  # ended meanwhile
             os.kill(pid, signum)
 
+
+SHUTTING_DOWN = (
+    "the interpreter is shutting down, so no more iterations can start: a loop in a thread must "
+    "end before the main thread does (join that thread), and no loop can start in an atexit handler"
+)
 
 _pools: dict[tuple[Any, ...], Executor] = {}
 _slots_of: dict[int, WorkerSlots] = {}
@@ -371,6 +377,8 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
             _pools_pid = _hook_pid = os.getpid()
         executor = _pools.pop(key, None)
         if executor is None:
+            if getattr(threading, "_SHUTTING_DOWN", False):  # private; atexit handlers run then
+                raise RuntimeError(SHUTTING_DOWN)  # before a pool is started, that nothing would close
             executor = make()
             if not _atexit_registered:
                 atexit.register(shutdown)

@@ -54,6 +54,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
 
 from autopar._backends import (
+    SHUTTING_DOWN,
     Backend,
     abandon,
     acquire,
@@ -375,10 +376,7 @@ class Dispatcher:
                     raise
             except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
                 if "interpreter shutdown" in str(exc):  # concurrent.futures refuses for good
-                    raise RuntimeError(
-                        "the interpreter is shutting down, so no more iterations can start: a loop in a "
-                        "thread must end before the main thread does (join that thread)"
-                    ) from exc
+                    raise RuntimeError(SHUTTING_DOWN) from exc
                 if not backend.owned or not replacements:
                     raise
             replacements -= 1
