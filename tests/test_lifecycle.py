@@ -212,3 +212,28 @@ def test_a_loop_in_an_atexit_handler_is_refused_saying_why(tmp_path: Path, warm:
     """
     result = run_script(source, tmp_path)
     assert "no loop can start in an atexit handler" in result.stdout
+
+
+@pytest.mark.timeout(20)
+def test_a_loop_started_while_a_pool_is_being_made_does_not_deadlock() -> None:
+    """Making a pool may run the garbage collector, and a __del__ a loop of its own, in the same
+    thread: that loop waited forever for the lock held while the pool was made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autopar import _backends
+
+    key = ("test: made while making", object())
+    made: list[ThreadPoolExecutor] = []
+
+    def make_inner() -> ThreadPoolExecutor:
+        made.append(ThreadPoolExecutor(1))
+        return made[-1]
+
+    def make_outer() -> ThreadPoolExecutor:
+        _backends._cached(key, make_inner)  # as a __del__'s loop would, in the middle
+        return make_inner()
+
+    outer = _backends._cached(key, make_outer)
+    assert outer is made[-1] and _backends._pools[key] is outer
+    _backends.retire(outer)
+    made[0].shutdown()

@@ -139,7 +139,7 @@ def _mark_stopped(pool: int, pids: Iterable[int]) -> bool:
 
 
 _processes_of: dict[int, dict[int, BaseProcess]] = {}
-_pools_lock = threading.Lock()
+_pools_lock = threading.RLock()  # making a pool may run the garbage collector, and a __del__ a loop
 _pools_pid = os.getpid()
 _atexit_registered = False
 
@@ -388,8 +388,11 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
                 _atexit_registered, _hook_pid = True, os.getpid()
             if multiprocessing.parent_process() is not None and _finalizer_pid != os.getpid():
                 _close_before_multiprocessing_joins_children()
+        made_meanwhile = _pools.pop(key, None)  # by a loop in a __del__ that make() set off
         _pools[key] = executor  # last: the most recently used
         evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
+        if made_meanwhile is not None and made_meanwhile is not executor:
+            evicted.append(made_meanwhile)
     for old_executor in evicted:
         _retire_in_background(old_executor)
     return executor
