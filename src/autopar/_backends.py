@@ -304,7 +304,7 @@ _abandoned: dict[int, deque[int]] = {}
 class _Loop(Protocol):
     def pools_in_use(self) -> set[int]: ...
 
-    def chunks_in_flight(self) -> dict[int, list[int]]: ...
+    def give_up(self) -> dict[int, list[int]]: ...
 
 
 _live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
@@ -347,7 +347,7 @@ def _stop_abandoned() -> None:
             abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
         for loop, pools in zip(loops, in_use, strict=True):
             if not pools:  # none can go on with it (an imap the main thread left unfinished)
-                for pool, left in loop.chunks_in_flight().items():
+                for pool, left in loop.give_up().items():
                     if pool not in busy:
                         abandoned.setdefault(pool, set()).update(left)
         with _stopped_lock:

@@ -244,10 +244,14 @@ class Dispatcher:
         backends = [entry.backend for entry in list(self._in_flight.values())] + [self._backend]
         return {id(backend.executor) for backend in backends if backend is not None and backend.owned}
 
-    def chunks_in_flight(self) -> dict[int, list[int]]:
-        """The chunks this loop has in flight on our pools, by pool (its id)."""
+    def give_up(self) -> dict[int, list[int]]:
+        """At exit, when no thread can go on with this loop: cancel its chunks that have not
+        started, and return those that may run on our pools, by pool (its id), to be stopped."""
         chunks: dict[int, list[int]] = {}
-        for entry in list(self._in_flight.values()):
+        for future, entry in list(self._in_flight.items()):
+            future.cancel()
+            if entry.backend.slots is not None:
+                entry.backend.slots.cancel(self._loop_token)  # queued already: skipped
             if entry.backend.owned:
                 chunks.setdefault(id(entry.backend.executor), []).append(entry.chunk_id)
         return chunks
