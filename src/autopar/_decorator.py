@@ -53,16 +53,14 @@ class _LoopMethods(Generic[P, R]):
         attributes: dict[str, Any] = self.__wrapped__.__dict__  # type: ignore[attr-defined]
         return attributes
 
-    # Methods, not annotations: class annotations would hide the function's own
-    # ``__annotations__`` behind the proxy (typing.get_type_hints would read these).
+    if TYPE_CHECKING:  # each subclass defines these; declared so (class annotations would
+        # hide the function's own ``__annotations__`` behind the proxy, for get_type_hints)
 
-    def _loop_target(self) -> Callable[..., Any]:
-        """What the workers call: picklable, and bound to its instance for a method."""
-        raise NotImplementedError
+        def _loop_target(self) -> Callable[..., Any]:
+            """What the workers call: picklable, and bound to its instance for a method."""
 
-    def _loop_options(self) -> Options:
-        """The options the decorator and ``.options()`` gave."""
-        raise NotImplementedError
+        def _loop_options(self) -> Options:
+            """The options the decorator and ``.options()`` gave."""
 
     def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
