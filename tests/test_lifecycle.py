@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,17 @@ def test_a_loop_started_while_a_pool_is_being_made_does_not_deadlock() -> None:
     assert outer is made[-1] and _backends._pools[key] is outer
     _backends.retire(outer)
     made[0].shutdown()
+
+
+def test_shutdown_called_inside_a_thread_iteration_does_not_fail_it() -> None:
+    """Cleanup code reached from the loop body may call autopar.shutdown(): its thread cannot
+    wait for itself ("cannot join current thread"); the loop goes on, on a new pool."""
+
+    def work(x: int) -> int:
+        if x == 2:
+            autopar.shutdown()
+        time.sleep(0.01)
+        return x
+
+    res = parallel_loop(work, backend="thread", workers=2, chunksize=1, on_error="collect").map(range(8))
+    assert res.failures == [] and list(res) == list(range(8))

@@ -461,6 +461,8 @@ def _close(executor: Executor, *, kill: bool = False, wait: bool = True) -> None
     comes while another is closing it waits for that close. (Two concurrent
     ``shutdown(wait=True)`` calls close the same pipe twice, and the second close can hit a
     descriptor a new pool already reuses.)"""
+    if threading.current_thread() in getattr(executor, "_threads", ()):  # shutdown() in its iteration
+        wait = False  # a thread cannot wait for itself to end
     if kill:  # at once, even while another thread is closing the pool (and waits for them)
         processes = list(_processes_of.get(id(executor), {}).values())
         pids = [p.pid for p in processes if p.pid]
