@@ -252,3 +252,22 @@ def test_shutdown_called_inside_a_thread_iteration_does_not_fail_it() -> None:
 
     res = parallel_loop(work, backend="thread", workers=2, chunksize=1, on_error="collect").map(range(8))
     assert res.failures == [] and list(res) == list(range(8))
+
+
+def test_a_loop_outlasts_shutdown_called_again_and_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pool it takes may be shut down by another thread before it sends a chunk there: it
+    takes another, more than twice (RuntimeError "cannot schedule new futures after shutdown"
+    escaped under load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    submit = ThreadPoolExecutor.submit
+    refusals = iter(range(5))
+
+    def shut_down_meanwhile(self: ThreadPoolExecutor, *args: Any, **kwargs: Any) -> Any:
+        if next(refusals, None) is not None:
+            self.shutdown(wait=False)
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", shut_down_meanwhile)
+    assert list(parallel_loop(_helpers.square, backend="thread", workers=1).map(range(3))) == [0, 1, 4]

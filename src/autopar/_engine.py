@@ -369,21 +369,22 @@ class Dispatcher:
         """``backend.executor.submit(*call)``. Our own pool, broken by a crash or shut down by
         autopar.shutdown() in another thread, is replaced and the call sent to the new one;
         a user's broken executor is returned as the error its calls fail with."""
-        replacements = 2
-        while True:
+        broken, shut = 2, 10  # new pools to try: one that breaks at once may break again; one
+        while True:  # shut down by a shutdown() called again and again is soon left alone
             try:
                 return backend.executor.submit(*call), backend
             except BrokenExecutor as exc:
                 if not backend.owned:
                     return exc
-                if not replacements:
+                if not broken:
                     raise
+                broken -= 1
             except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
                 if "interpreter shutdown" in str(exc):  # concurrent.futures refuses for good
                     raise RuntimeError(SHUTTING_DOWN) from exc
-                if not backend.owned or not replacements:
+                if not backend.owned or not shut:
                     raise
-            replacements -= 1
+                shut -= 1
             self._replace_pool(backend)
             backend = self._backend_or_acquire()
 
