@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -244,3 +245,24 @@ def test_a_nearly_full_dev_shm_keeps_arrays_in_the_pickle(monkeypatch: pytest.Mo
     res = parallel_loop(array_info, workers=2).map(arrays)
     assert list(res) == [(float(i) * (1 << 17), True) for i in range(4)]
     assert segments() == before
+
+
+def test_a_raising_signal_handler_cannot_leave_ctrl_c_held_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """signal.signal() runs pending handlers first: one that raises (a SIGALRM timeout's) on
+    the way out of a segment's creation must not leave Ctrl-C swallowed for good."""
+    from autopar import _shared
+
+    real = signal.signal
+    calls: list[Any] = []
+
+    def pending_alarm_first(signum: int, handler: Any) -> Any:
+        calls.append(handler)
+        if len(calls) == 2:  # putting the user's handler back
+            raise TimeoutError("a SIGALRM timeout's handler")
+        return real(signum, handler)
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(signal, "signal", pending_alarm_first)
+    with pytest.raises(TimeoutError), _shared._interrupts_deferred():
+        pass
+    assert signal.getsignal(signal.SIGINT) is before

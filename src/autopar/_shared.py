@@ -107,9 +107,17 @@ def _interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        raised: BaseException | None = None
+        while True:  # signal.signal() first runs pending handlers: one that raises (a SIGALRM
+            try:  # timeout's) must not leave Ctrl-C swallowed for good
+                signal.signal(signal.SIGINT, previous)
+                break
+            except BaseException as exc:
+                raised = raised or exc
         if received:
             signal.raise_signal(signal.SIGINT)  # to the handler it was meant for, now
+        if raised is not None:
+            raise raised
 
 
 def _room_for(size: int) -> bool:
