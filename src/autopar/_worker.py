@@ -123,8 +123,14 @@ def initialize_worker(
             # why: the worker stays, and each iteration it is given fails with this (the
             # engine then retires the pool, so the next loop's workers try again).
             global _initializer_failed
-            exc.add_note(f"in the initializer, in worker process {os.getpid()}: the iteration did not run")
-            _initializer_failed = encode_error(exc, format_worker_traceback(exc))
+            _initializer_failed = encode_error(*_setup_failure(exc, f"worker process {os.getpid()}"))
+
+
+def _setup_failure(exc: BaseException, where: str) -> tuple[BaseException, str]:
+    """What the initializer raised, noted as such, and its traceback: each iteration this
+    worker (``where``) is given fails with it."""
+    exc.add_note(f"in the initializer, in {where}: the iteration did not run")
+    return exc, format_worker_traceback(exc)
 
 
 def _run_initializer(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
@@ -286,9 +292,7 @@ def initialize_thread(initializer: Callable[..., Any], initargs: tuple[Any, ...]
     try:
         initializer(*initargs)
     except BaseException as exc:  # sys.exit() too
-        name = threading.current_thread().name
-        exc.add_note(f"in the initializer, in thread {name!r}: the iteration did not run")
-        _local.initializer_failed = (exc, format_worker_traceback(exc))
+        _local.initializer_failed = _setup_failure(exc, f"thread {threading.current_thread().name!r}")
 
 
 def run_calls(
