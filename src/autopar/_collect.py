@@ -21,6 +21,7 @@ from autopar._errors import (
     fresh_copy,
     set_attribute,
 )
+from autopar._hazards import warn_if_writes_lost
 from autopar._progress import progress_bar
 from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
@@ -189,7 +190,9 @@ def run_map(loop: Loop) -> LoopResult[Any]:
     finally:
         batches.close()
         collector.close()
-    return collector.result()
+    result = collector.result()
+    warn_if_writes_lost(loop.function, loop.name, result, len(result.failures), in_process=dispatcher.in_process)
+    return result
 
 
 class LoopIterator(Iterator[R], Generic[R]):

@@ -1,9 +1,11 @@
 """Hazards a process pool hides: writes to module globals, and drawing with pyplot.
 
 An iteration that fills a global dict, or draws into matplotlib's current figure, does so in
-a worker process: the caller's process never sees it. `global_names` finds such writes, by a
+a worker process: the caller's process never sees it. A loop whose iterations all return
+None and that does such a thing has most likely lost its whole output, silently.
+`warn_if_writes_lost` says so once per function; `global_names` is the analysis behind it, a
 walk over the function's bytecode (its code objects, nested ones included), cached per code
-object; `plotting_names` finds the pyplot state machine among what it reads.
+object.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import builtins
 import dis
 import functools
+import os
 import sys
+import threading
 import types
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["global_names", "plotting_names"]
+__all__ = ["global_names", "plotting_names", "warn_if_writes_lost"]
 
 MUTATING_METHODS = frozenset(
     {
@@ -44,6 +50,7 @@ MUTATING_METHODS = frozenset(
 PLOTTING_MODULES = frozenset({"matplotlib.pyplot", "matplotlib.pylab", "pylab"})
 """Modules whose functions draw into a current figure, a state of the process they run in."""
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _JUMPS = frozenset(getattr(dis, "hasjump", ())) | frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
 _NO_OP = frozenset({"NOP", "CACHE", "EXTENDED_ARG", "RESUME", "PRECALL", "KW_NAMES", "NOT_TAKEN"})
@@ -299,3 +306,62 @@ def _pops(instruction: dis.Instruction) -> int:
 
 def _stack_effect(instruction: dis.Instruction) -> int:
     return dis.stack_effect(instruction.opcode, instruction.arg, jump=False)
+
+
+_warned: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+_warned_lock = threading.Lock()
+
+
+def warn_if_writes_lost(
+    function: Callable[..., Any], name: str, values: Sequence[object], failed: int, *, in_process: bool
+) -> None:
+    """After a ``map`` whose every iteration returned None, on a backend out of this process:
+    warn (once per function) if the function writes module globals or draws with pyplot, as
+    those writes stayed in the worker processes."""
+    if in_process or not values or values[0] is not None or failed >= len(values):
+        return  # the common case, a loop that returns values, stops at values[0]
+    target = _unwrap(function)
+    code = getattr(target, "__code__", None)
+    if not isinstance(code, types.CodeType) or code in _warned:
+        return
+    _, writes = global_names(target)  # cached: cheaper than looking at every value
+    plotting = plotting_names(target)
+    if not (writes or plotting) or any(value is not None for value in values):
+        return
+    with _warned_lock:
+        if code in _warned:
+            return
+        _warned.add(code)
+    warnings.warn(_message(name, getattr(target, "__name__", name), writes, plotting), RuntimeWarning, _stacklevel())
+
+
+def _message(name: str, short: str, writes: frozenset[str], plotting: frozenset[str]) -> str:
+    done = []
+    if writes:
+        done.append(f"writes the module global{'s' if len(writes) > 1 else ''} {', '.join(sorted(writes))}")
+    if plotting:
+        done.append("draws with matplotlib.pyplot")
+    if writes and plotting:
+        lost = "those writes and that drawing stayed in the worker processes and are lost here"
+        advice = "return the values and the data to draw: build the dict (or list) and draw in this process"
+    elif writes:
+        lost = "those writes stayed in the worker processes (each changed its own copy) and are lost here"
+        advice = "return the values and build the dict (or list) from the loop's result"
+    else:
+        lost = "that drawing stayed in the worker processes (each drew in its own figure) and is lost here"
+        advice = "return the data to draw and draw in this process from the loop's result"
+    return (
+        f"{name}() returned None in every iteration and {' and '.join(done)}: {lost}. Instead, {advice}. "
+        f"{short}.verify(xs) compares this parallel loop with the serial one."
+    )
+
+
+def _stacklevel() -> int:
+    """The stack level, for a warning issued by our caller, of the first frame outside autopar:
+    the user's ``f.map(...)`` line."""
+    level = 1
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
