@@ -66,6 +66,7 @@ from autopar._backends import (
 )
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere, WorkerCrashed, fresh_copy
+from autopar._main_guard import raise_if_script_unguarded
 from autopar._options import Options, executor_capacity
 from autopar._records import BY_KEY, Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
 from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
@@ -391,9 +392,10 @@ class Dispatcher:
     def _replace_pool(self, backend: Backend) -> None:
         """Our pool broke (a crash in this or another loop sharing it) or was shut down:
         close it (once, for every loop) and let the next submission take a new one."""
-        post_mortem(backend)
+        running, exit_codes, _ = post_mortem(backend)
         if self._backend is backend:
             self._backend = None
+        raise_if_script_unguarded(exit_codes, running)
 
     def _wire_parts(self, backend: Backend) -> tuple[str, Payload, str, Payload]:
         """The function and broadcast arguments, pickled once per loop; what is large goes to
@@ -573,6 +575,7 @@ class Dispatcher:
             self._backend = None
         for entry in lost:
             self._release(entry.segment)
+        raise_if_script_unguarded(exit_codes, running)  # no iteration could ever run
         pool = id(backend.executor)  # forget every worker of this pool we stopped
         overdue = {pid: self._overdue.pop((at, pid)) for at, pid in list(self._overdue) if at == pool}
         blamed: dict[int, dict[int, Failed]] = {}
