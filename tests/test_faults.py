@@ -409,27 +409,6 @@ def test_ctrl_c_returns_at_once_from_a_thread_loop() -> None:
         thread.join(timeout=10)
 
 
-def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path) -> None:
-    """Spawned workers import the main module again: an unguarded loop would start there. The
-    worker says why it stops, and so does the error the loop ends with."""
-    result = run_script(
-        """
-        from autopar import parallel_loop
-
-        def square(x):
-            return x * x
-
-        print(list(parallel_loop(square, workers=2, start_method="spawn").map(range(4))))
-        """,
-        tmp_path,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "a loop started while a new worker process imports your main module" in result.stderr
-    assert "WorkerCrashed: the worker pool broke 3 times" in result.stderr
-    assert 'without `if __name__ == "__main__":`?)' in result.stderr
-
-
 def test_ctrl_c_between_batches_of_a_map_kills_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C that lands in the collector, not in the engine, still kills the workers."""
     from autopar import _backends, _collect

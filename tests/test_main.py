@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import run_script
@@ -139,3 +141,121 @@ def test_a_script_initializer_sets_globals_its_loop_function_reads(tmp_path: Pat
     assert "first [200, 202, 204, 206]" in out
     assert "second [300, 303]" in out
     assert "object [7, 8]" in out
+
+
+UNGUARDED = """
+    import os
+    from autopar import parallel_loop
+
+    print("ran in", os.getpid(), flush=True)  # by the script, and by each worker that imports it
+
+    @parallel_loop(workers=2, {options})
+    def square(x):
+        return x * x
+
+    print(list(square.map(range(10))))
+"""
+
+
+def _line_of(source: str, statement: str) -> int:
+    """The number of the line that holds just ``statement``, in the script `run_script`
+    writes from ``source``."""
+    lines = textwrap.dedent(source).splitlines()
+    return next(number for number, line in enumerate(lines, 1) if line.strip() == statement)
+
+
+@pytest.mark.parametrize(
+    "options", ['start_method="spawn"', 'start_method="forkserver"', "max_tasks_per_worker=3"], ids=str
+)
+def test_a_script_without_a_main_guard_gets_one_error_naming_the_line(tmp_path: Path, options: str) -> None:
+    """Spawned or forkserver workers import the script again, and would start its loop there:
+    each one exits quietly, and the script stops with one error, which names the line to guard.
+    No worker traceback reaches stderr, and no process is left behind."""
+    source = UNGUARDED.format(options=options)
+    result = run_script(source, tmp_path, check=False)
+    script = tmp_path / "script.py"
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert "RuntimeError" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"autopar.WorkerCrashed: put line {_line_of(source, 'print(list(square.map(range(10))))')} of {script}, "
+        '`print(list(square.map(range(10))))`, under `if __name__ == "__main__":`: each new worker '
+        "process (started by spawn or forkserver, as with max_tasks_per_worker) imports the script, "
+        "and would start this loop again there"
+    )
+    pids = [int(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("ran in")]
+    assert len(pids) >= 2, result.stdout  # the script, and at least one worker
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_the_line_to_guard_is_the_top_level_statement_whatever_on_error(tmp_path: Path) -> None:
+    """A loop reached through ``main()`` names the line ``main()`` (the one to guard), and is
+    raised as the loop's error under on_error="collect" too: no iteration could ever run."""
+    source = """
+        from autopar import parallel_loop
+
+        @parallel_loop(workers=2, start_method="spawn", on_error="collect")
+        def square(x):
+            return x * x
+
+        def main():
+            for value in square.imap(range(4)):
+                print(value)
+
+        main()
+    """
+    result = run_script(source, tmp_path, check=False)
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"autopar.WorkerCrashed: put line {_line_of(source, 'main()')} of {tmp_path / 'script.py'}, `main()`, "
+    )
+
+
+def test_a_guarded_loop_does_not_take_the_blame_for_an_unguarded_one(tmp_path: Path) -> None:
+    """The script runs a guarded loop; its workers stop at another loop, outside the guard:
+    the error names no line (the guarded one would mislead), only what to do."""
+    source = """
+        from autopar import parallel_loop
+
+        @parallel_loop(workers=2, start_method="forkserver")
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            print(list(square.map(range(4))))
+
+        TABLE = list(square.map(range(3)))
+    """
+    result = run_script(source, tmp_path, check=False)
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"autopar.WorkerCrashed: put the loops at the top level of {tmp_path / 'script.py'} under "
+        '`if __name__ == "__main__":`: each new worker process (started by spawn or forkserver, as with '
+        "max_tasks_per_worker) imports the script, and would start a loop there"
+    )
+
+
+def test_another_process_importing_an_unguarded_script_still_says_why_it_stops(tmp_path: Path) -> None:
+    """Only autopar's own workers exit quietly (their parent explains): a process of the
+    script's own, which imports it, fails loudly, or it would die without a word."""
+    source = """
+        import multiprocessing
+        import sys
+        from autopar import parallel_loop
+
+        @parallel_loop(workers=2, start_method="spawn")
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("spawn").Process(target=print, args=("child ran",))
+            child.start()
+            child.join()
+            print("child exit code", child.exitcode)
+            sys.exit(0)
+
+        print(list(square.map(range(3))))
+    """
+    result = run_script(source, tmp_path)
+    assert "child exit code 1" in result.stdout and "child ran" not in result.stdout
+    assert "RuntimeError: a loop started while a new worker process imports your main module" in result.stderr

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from autopar import _shared
 from autopar._cpus import usable_cpu_count
+from autopar._main_guard import naming_workers, refuse_while_importing_main
 from autopar._options import Options
 from autopar._serialize import dumps
 from autopar._slots import Running, WorkerSlots, descendants, process_exists
@@ -239,12 +240,8 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
     if context.get_start_method() not in multiprocessing.get_all_start_methods():
         # Another library's default context (joblib's loky, in its workers): the platform's own.
         context = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
-    if context.get_start_method() != "fork" and getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RuntimeError(
-            "a loop started while a new worker process imports your main module: put the "
-            'script\'s loop under `if __name__ == "__main__":` (workers started by spawn or '
-            "forkserver, and with max_tasks_per_worker, import the main module again)"
-        )
+    refuse_while_importing_main(context.get_start_method())
+    context = naming_workers(context)
     blas_threads = _blas_threads(workers)
     thread_pools = None
     if blas_threads is not None and context.get_start_method() == "fork":

@@ -65,10 +65,19 @@ from autopar._backends import (
     retire,
 )
 from autopar._chunking import ChunkSizer
-from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere, WorkerCrashed, fresh_copy
+from autopar._culprit import pickling_error, unpicklable_error
+from autopar._errors import (
+    ChunkArgumentsError,
+    IterationTimeout,
+    NotCachedHere,
+    SerializationError,
+    WorkerCrashed,
+    fresh_copy,
+)
+from autopar._main_guard import raise_if_script_unguarded
 from autopar._options import Options, executor_capacity
 from autopar._records import BY_KEY, Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
-from autopar._serialize import decode_error, decode_values, digest, dumps, split_unpicklable, stage_error
+from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
 from autopar._shared import SHARE_ABOVE, pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, UNTIMED, Running
 from autopar._worker import run_calls, run_chunk
@@ -391,9 +400,10 @@ class Dispatcher:
     def _replace_pool(self, backend: Backend) -> None:
         """Our pool broke (a crash in this or another loop sharing it) or was shut down:
         close it (once, for every loop) and let the next submission take a new one."""
-        post_mortem(backend)
+        running, exit_codes, _ = post_mortem(backend)
         if self._backend is backend:
             self._backend = None
+        raise_if_script_unguarded(exit_codes, running)
 
     def _wire_parts(self, backend: Backend) -> tuple[str, Payload, str, Payload]:
         """The function and broadcast arguments, pickled once per loop; what is large goes to
@@ -408,9 +418,7 @@ class Dispatcher:
                 try:
                     payload, _ = pack(obj, shared=backend.local, owner=self._loop_segments)
                 except Exception as exc:
-                    broadcast = self.loop.broadcast
-                    what = _culprit(broadcast) if obj is broadcast else f"the function {self.loop.name}"
-                    raise stage_error(f"{what} could not be pickled, so no iteration can run", exc) from exc
+                    raise _unpicklable(self.loop, obj, exc)  # noqa: B904 (its cause: the part that fails)
                 self.bytes_sent += _size(payload) - len(payload.data)  # inline data: per chunk
                 key = f"{payload.segment}:{payload.use}" if payload.segment else digest(payload.data)
                 parts += [key, payload]
@@ -573,6 +581,7 @@ class Dispatcher:
             self._backend = None
         for entry in lost:
             self._release(entry.segment)
+        raise_if_script_unguarded(exit_codes, running)  # no iteration could ever run
         pool = id(backend.executor)  # forget every worker of this pool we stopped
         overdue = {pid: self._overdue.pop((at, pid)) for at, pid in list(self._overdue) if at == pool}
         blamed: dict[int, dict[int, Failed]] = {}
@@ -754,14 +763,15 @@ def _merge(first: Batch | None, second: Batch) -> Batch:
     )
 
 
-def _culprit(broadcast: dict[str, Any]) -> str:
-    """Which of the broadcast keyword arguments cannot be pickled."""
-    for name, value in broadcast.items():
-        try:
-            dumps(value)
-        except Exception:
-            return f"keyword argument {name!r}"
-    return "the keyword arguments"
+def _unpicklable(loop: Loop, obj: Any, exc: Exception) -> SerializationError:
+    """The error for a loop whose function or keyword arguments (``obj``) cannot be pickled: it
+    names the keyword argument that fails, and the part of it or of the function."""
+    what, culprit = f"the function {loop.name}", obj
+    if obj is loop.broadcast:
+        failing = ((name, value) for name, value in obj.items() if pickling_error(value) is not None)
+        name, culprit = next(failing, ("", obj))
+        what = f"keyword argument {name!r}" if name else "the keyword arguments"
+    return unpicklable_error(f"{what} could not be pickled, so no iteration can run", culprit, exc)
 
 
 def _size(payload: Payload) -> int:
