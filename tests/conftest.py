@@ -79,13 +79,18 @@ def worker_children() -> list[psutil.Process]:
 
 
 def run_script(
-    source: str, tmp_path: Path, *args: str, timeout: float = 60, check: bool = True
+    source: str,
+    tmp_path: Path,
+    *args: str,
+    timeout: float = 60,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``source`` as a fresh ``__main__`` script; with ``check``, fail with its output if
-    it fails."""
+    """Run ``source`` as a fresh ``__main__`` script (``env`` added to the environment); with
+    ``check``, fail with its output if it fails."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     result = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )

@@ -13,6 +13,7 @@ output1, output2, output3 = calc_stuff.map(j * offset for j in range(10)).unzip(
 import contextlib
 
 from autopar._backends import shutdown
+from autopar._calls import each
 from autopar._collect import LoopIterator
 from autopar._decorator import BoundLoopFunction, LoopFunction, parallel_loop
 from autopar._errors import (
@@ -21,9 +22,12 @@ from autopar._errors import (
     RemoteError,
     RemoteTraceback,
     SerializationError,
+    UnsafeLoopError,
     WorkerCrashed,
 )
+from autopar._random import rng
 from autopar._results import Failure, LoopResult, LoopStats
+from autopar._verify import Mismatch, VerifyReport
 
 __version__ = "0.1.0"
 
@@ -36,12 +40,17 @@ __all__ = [
     "LoopIterator",
     "LoopResult",
     "LoopStats",
+    "Mismatch",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "UnsafeLoopError",
+    "VerifyReport",
     "WorkerCrashed",
     "__version__",
+    "each",
     "parallel_loop",
+    "rng",
     "shutdown",
 ]
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+from autopar._calls import own_keywords
+from autopar._debugger import debug_failure
 from autopar._engine import Dispatcher, Loop
 from autopar._errors import (
     RemoteTraceback,
@@ -109,14 +111,18 @@ class _Collector:
         else:
             drop_earlier_iteration_note(exc)
             self._noted[id(exc)] = (exc, list(getattr(exc, "__notes__", ())))
-        kwargs = dict(self.dispatcher.loop.broadcast)
+        loop = self.dispatcher.loop
+        args, kwargs = own_keywords(args, loop.keywords)
+        kwargs.update(loop.broadcast)
         note = f"iteration {index}: {describe_call(self.name, args, kwargs)}"
         if failed.attempts > 1:
             note += f" (failed {failed.attempts} attempts)"
         add_iteration_note(exc, note)
         if self.remote and failed.traceback:
             set_attribute(exc, "__cause__", RemoteTraceback(failed.traceback))
-        return Failure(index, args, kwargs, exc, failed.traceback, failed.attempts)
+        failure = Failure(index, args, kwargs, exc, failed.traceback, failed.attempts, loop.rerun)
+        set_attribute(exc, "failure", failure)
+        return failure
 
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``.
@@ -125,7 +131,7 @@ class _Collector:
         delivered = self.dispatcher.delivered or 0
         missing = [index for index in missing if index >= delivered]
         failures = sorted(self.failures, key=lambda failure: failure.index)
-        return LoopResult(values, failures, self.stats(), missing)
+        return LoopResult(values, failures, self.stats(), missing, self.dispatcher.loop.rerun)
 
     def stats(self) -> LoopStats:
         return LoopStats(
@@ -141,7 +147,10 @@ class _Collector:
         )
 
     def to_raise(self, failure: Failure) -> BaseException:
-        """``failure``'s exception, with the results so far attached."""
+        """``failure``'s exception, with the results so far attached; under
+        ``on_error="debug"``, once the iteration was run again under the debugger."""
+        if self.dispatcher.loop.options.on_error == "debug":
+            debug_failure(failure)
         exc = failure.exception
         set_attribute(exc, "partial_result", self.result())
         return exc
@@ -158,8 +167,9 @@ class _Collector:
         self.progress.close()
 
 
-def run_map(loop: Loop) -> LoopResult[Any]:
-    """Run every iteration and return the results in input order.
+def run_map(loop: Loop, *, warn_lost_writes: bool = True) -> LoopResult[Any]:
+    """Run every iteration and return the results in input order (``warn_lost_writes``:
+    say when iterations wrote globals that stayed in worker processes; `verify` reports it).
 
     Under ``on_error="raise"``, the failure raised is the one of the earliest iteration, as
     in the old loop, whatever order they finish in: after a failure no more input is read,
@@ -171,7 +181,7 @@ def run_map(loop: Loop) -> LoopResult[Any]:
     try:
         for batch in batches:
             failed = collector.add(batch)
-            if failed and loop.options.on_error == "raise":
+            if failed and loop.options.on_error != "collect":
                 earliest = min(failed, key=lambda failure: failure.index)
                 first = earliest if first is None or earliest.index < first.index else first
                 dispatcher.stop_before = first.index
@@ -191,7 +201,8 @@ def run_map(loop: Loop) -> LoopResult[Any]:
         batches.close()
         collector.close()
     result = collector.result()
-    warn_if_writes_lost(loop.function, loop.name, result, len(result.failures), in_process=dispatcher.in_process)
+    if warn_lost_writes:
+        warn_if_writes_lost(loop.function, loop.name, result, len(result.failures), in_process=dispatcher.in_process)
     return result
 
 
@@ -251,7 +262,7 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Fail
                 failed_at[failure.index] = failure
             while (run := collector.values.take(next_index)) is not None:
                 for position, value in enumerate(run):
-                    if next_index in failed_at and on_error == "raise":
+                    if next_index in failed_at and on_error != "collect":
                         batches.close()
                         collector.values.put(range(next_index, next_index + len(run) - position), run[position:])
                         return failed_at[next_index]

@@ -11,18 +11,23 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from collections.abc import Set as AbstractSet
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, Unpack, overload
 
 import wrapt
 
+from autopar._calls import Calls, split_keywords, star_calls, take, zip_calls
 from autopar._collect import LoopIterator, run_imap, run_map
 from autopar._engine import Loop
+from autopar._errors import UnsafeLoopError
 from autopar._options import OPTION_NAMES, LoopOptions, Options, resolve, validate
+from autopar._replay import Rerun
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads, reduce_with
+from autopar._verify import VerifyReport, verify
+from autopar._worker import in_iteration, in_worker_process
 
 __all__ = ["BoundLoopFunction", "LoopFunction", "parallel_loop"]
 
@@ -62,25 +67,38 @@ class _LoopMethods(Generic[P, R]):
         def _loop_options(self) -> Options:
             """The options the decorator and ``.options()`` gave."""
 
-    def _loop(self, calls: _Calls, broadcast: dict[str, Any]) -> Loop:
+    def _loop(self, calls: Calls, broadcast: dict[str, Any]) -> Loop:
         """The loop to run now: options are resolved at call time."""
-        if not broadcast.keys().isdisjoint(OPTION_NAMES):
-            self._refuse_options_as_arguments(broadcast)
+        self._refuse_options_as_arguments(broadcast, calls.keywords)
         options = resolve(self._loop_options())
-        arguments, total, single = calls
-        return Loop(self._loop_target(), self._loop_name(), arguments, broadcast, options, total, single)
+        sample = _verify_sample()
+        if sample is not None:
+            head, calls = take(calls, sample)
+            report = self._verify(head, calls, broadcast, options)
+            if not report.ok:
+                raise UnsafeLoopError(report)
+        target, name = self._loop_target(), self._loop_name()
+        rerun = Rerun(target, name, calls.keywords, self._loop_options())
+        arguments, total, single, keywords = calls
+        return Loop(target, name, arguments, broadcast, options, total, single, keywords, None, rerun)
 
-    def _refuse_options_as_arguments(self, broadcast: dict[str, Any]) -> None:
+    def _verify(self, head: list[Any], calls: Calls, broadcast: dict[str, Any], options: Options) -> VerifyReport:
+        return verify(self._loop_target(), self._loop_name(), head, calls.single, calls.keywords, broadcast, options)
+
+    def _refuse_options_as_arguments(self, broadcast: dict[str, Any], keywords: tuple[str, ...]) -> None:
         """``f.map(xs, chunksize=8)``, as for ``Executor.map``, would pass ``chunksize`` to every
         iteration, each failing with "unexpected keyword argument": say where options go."""
+        given = broadcast.keys() | set(keywords)
+        if given.isdisjoint(OPTION_NAMES):
+            return
         try:
             parameters = inspect.signature(self.__wrapped__).parameters  # type: ignore[attr-defined]
         except (TypeError, ValueError):
             return  # a builtin without a signature: let the iterations say
         if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
             return
-        for name in sorted(broadcast.keys() & set(OPTION_NAMES) - parameters.keys()):
-            name_value = f"{name}={broadcast[name]!r}"
+        for name in sorted(given & set(OPTION_NAMES) - parameters.keys()):
+            name_value = f"{name}={'each(...)' if name in keywords else repr(broadcast[name])}"
             raise TypeError(
                 f"{self._loop_name()}() takes no argument {name!r}, and autopar's options do not go "
                 f"to map(): use .options({name_value}).map(...), or parallel_loop({name_value})"
@@ -92,17 +110,36 @@ class _LoopMethods(Generic[P, R]):
 
     def map(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopResult[R]:
         """Run one iteration per element (several iterables are zipped, as builtin ``map``
-        does), in parallel; keyword arguments go to every iteration. Results in input order."""
-        return run_map(self._loop(_zip_calls("map", iterables), kwargs))
+        does), in parallel; keyword arguments go to every iteration, or one value to each
+        given as ``each(values)``. Results in input order."""
+        per_iteration, broadcast = split_keywords(kwargs)
+        return run_map(self._loop(zip_calls("map", iterables, per_iteration), broadcast))
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **kwargs: Any) -> LoopResult[R]:
         """Like `map`, but each element is a tuple of positional arguments."""
-        return run_map(self._loop(_star_calls(iterable), kwargs))
+        per_iteration, broadcast = split_keywords(kwargs)
+        return run_map(self._loop(star_calls(iterable, per_iteration), broadcast))
 
     def imap(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopIterator[R]:
         """A lazy iterator of results in input order; the input is read only as workers free
         up, so memory stays bounded for huge or endless iterables."""
-        return run_imap(self._loop(_zip_calls("imap", iterables), kwargs))
+        per_iteration, broadcast = split_keywords(kwargs)
+        return run_imap(self._loop(zip_calls("imap", iterables, per_iteration), broadcast))
+
+    def verify(self, *iterables: Iterable[Any], sample: int | None = 32, **kwargs: Any) -> VerifyReport:
+        """Run the first ``sample`` iterations (None: all) serially in this process, as the
+        old loop did, and through this loop's backend, and report what differs: values,
+        arguments or module globals an iteration changes (which workers would lose), draws
+        from process-global random generators. Takes what `map` takes."""
+        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int)):
+            raise TypeError(f"verify(sample={sample!r}): expected a whole number of iterations (1 or more), or None")
+        if sample is not None and sample < 1:
+            raise ValueError(f"verify(sample={sample!r}): compare at least 1 iteration (or None: all of them)")
+        per_iteration, broadcast = split_keywords(kwargs)
+        calls = zip_calls("verify", iterables, per_iteration)
+        self._refuse_options_as_arguments(broadcast, calls.keywords)
+        head, _ = take(calls, sample)
+        return self._verify(head, calls, broadcast, resolve(self._loop_options()))
 
     def options(self, **changes: Unpack[LoopOptions]) -> LoopFunction[P, R]:
         """A copy of this loop function with some options changed."""
@@ -220,56 +257,19 @@ def _by_value(function: bytes, options: Options) -> LoopFunction[Any, Any]:
     return LoopFunction(loads(function), options)
 
 
-class _Calls(NamedTuple):
-    arguments: Iterable[Any]
-    total: int | None
-    single: bool
-    """``arguments`` yields each call's only argument (one iterable), else a tuple of them."""
-
-
-def _zip_calls(method: str, iterables: tuple[Iterable[Any], ...]) -> _Calls:
-    if not iterables:
-        raise TypeError(f"{method}() needs at least one iterable of arguments")
-    for position, iterable in enumerate(iterables, 1):
-        if not isinstance(iterable, Iterable):
-            raise TypeError(f"{method}() argument {position} must be iterable, not {type(iterable).__name__}")
-    lengths = [_length(it) for it in iterables]
-    known = [length for length in lengths if length is not None]
-    # The calls stop with the shortest iterable: its length, if every one has a length.
-    total = min(known) if known and all(isinstance(it, Sized) for it in iterables) else None
-    if len(iterables) == 1:  # no 1-tuple per call to build, pickle and unpack
-        return _Calls(iterables[0], total, True)
-    return _Calls(zip(*iterables, strict=False), total, False)
-
-
-def _length(iterable: Iterable[Any]) -> int | None:
-    """The number of elements, or None when unknown: no ``len()``, or more than ``len()``
-    can count (``range(10**20)``, which iterates fine)."""
-    if not isinstance(iterable, Sized):
+def _verify_sample() -> int | None:
+    """``AUTOPAR_VERIFY=N``: how many first iterations every loop verifies before it runs
+    (None: unset, or inside an iteration, whose own loop was verified)."""
+    text = os.environ.get("AUTOPAR_VERIFY", "").strip()
+    if not text or in_worker_process() or in_iteration():
         return None
     try:
-        return len(iterable)
-    except OverflowError:
-        return None
-
-
-def _star_calls(iterable: Iterable[Iterable[Any]]) -> _Calls:
-    if not isinstance(iterable, Iterable):
-        raise TypeError(f"starmap() argument must be iterable, not {type(iterable).__name__}")
-    total = _length(iterable)
-
-    def calls() -> Iterator[tuple[Any, ...]]:
-        for index, args in enumerate(iterable):
-            if not isinstance(args, Iterable) or isinstance(args, str | bytes | Mapping | AbstractSet):
-                keywords = isinstance(args, Mapping)
-                hint = " (for keyword arguments, map a function that calls f(**kwargs))" if keywords else ""
-                raise TypeError(
-                    f"starmap(): element {index} is {args!r} ({type(args).__name__}), "
-                    f"not a tuple of positional arguments{hint}"
-                )
-            yield tuple(args)
-
-    return _Calls(calls(), total, False)
+        sample = int(text)
+    except ValueError:
+        raise ValueError(f"AUTOPAR_VERIFY={text!r} is not a whole number of iterations to verify") from None
+    if sample < 0:
+        raise ValueError(f"AUTOPAR_VERIFY={text!r} must be 0 (off) or more")
+    return sample or None
 
 
 @overload

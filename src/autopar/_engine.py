@@ -77,6 +77,7 @@ from autopar._errors import (
 from autopar._main_guard import raise_if_script_unguarded
 from autopar._options import Options, executor_capacity
 from autopar._records import BY_KEY, Batch, Call, Calls, Chunk, ChunkResult, Failed, Payload
+from autopar._results import Rerunner
 from autopar._serialize import decode_error, decode_values, digest, split_unpicklable
 from autopar._shared import SHARE_ABOVE, pack, release
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, UNTIMED, Running
@@ -114,6 +115,13 @@ class Loop:
     """The number of calls, when the input knows its length."""
     single: bool = False
     """Each element of ``arguments`` is a call's only argument, not a tuple of them."""
+    keywords: tuple[str, ...] = ()
+    """The last ``len(keywords)`` arguments of each call go by these names (`each`)."""
+    indices: Sequence[int] | None = None
+    """Each call's index in the input, when not its position (a rerun of some iterations)."""
+    rerun: Rerunner | None = None
+    """How to run this loop's iterations again in this process: for its `Failure` records
+    (``replay``) and its `LoopResult` (``retry_failures``)."""
 
 
 class Dispatcher:
@@ -303,7 +311,11 @@ class Dispatcher:
                 arguments.extend(itertools.islice(self._arguments, size))  # keeps what came before a raise
             except Exception as exc:
                 self.input_error = exc
-        chunk = Calls(arguments, start, single=self.loop.single)
+        indices = self.loop.indices
+        if indices is None or not arguments:
+            chunk = Calls(arguments, start, single=self.loop.single)
+        else:
+            chunk = Calls(arguments, indices[start], list(indices[start : start + len(arguments)]), self.loop.single)
         self.consumed += len(chunk)
         # Report the size the loop settled on, not the shrinking tail or the empty last read.
         self.chunksize = max(self.chunksize, len(chunk))
@@ -325,7 +337,18 @@ class Dispatcher:
         refused, segment, nbytes, sent_as = None, None, 0, ""
         if backend.in_process:
             loop = self.loop
-            call: tuple[Any, ...] = (run_calls, loop.function, chunk, loop.broadcast, self.options.timeout)
+            options = self.options
+            serial = options.backend == "serial"
+            call: tuple[Any, ...] = (
+                run_calls,
+                loop.function,
+                chunk,
+                loop.broadcast,
+                options.timeout,
+                options.seed,
+                loop.keywords,
+                serial,
+            )
         else:
             # The function and keyword arguments first: if they cannot be pickled, no chunk
             # ever can, and no segment of this chunk is left behind.
@@ -358,6 +381,8 @@ class Dispatcher:
                 payload,
                 self.options.timeout,
                 self._loop_token,
+                self.options.seed,
+                self.loop.keywords,
             )
             call = (run_chunk, task)
         try:

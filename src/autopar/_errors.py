@@ -31,6 +31,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "UnsafeLoopError",
     "WorkerCrashed",
     "add_iteration_note",
     "drop_earlier_iteration_note",
@@ -78,6 +79,18 @@ class IterationTimeout(AutoparError, TimeoutError):
 class SerializationError(AutoparError):
     """An argument, result or exception of one iteration could not be pickled or unpickled;
     or the function or a broadcast keyword argument could not be, which stops the whole loop."""
+
+
+class UnsafeLoopError(AutoparError):
+    """``AUTOPAR_VERIFY=N``: a loop's parallel run would not be its serial run. ``report`` is
+    the `VerifyReport` that says what differs and what to change."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__(f"this loop is not safe to run in parallel as it is:\n{report}")
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return UnsafeLoopError, (self.report,)
 
 
 class ChunkArgumentsError(SerializationError):

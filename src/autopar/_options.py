@@ -25,7 +25,7 @@ __all__ = ["OPTION_NAMES", "BackendName", "LoopOptions", "Options", "executor_ca
 
 BackendName: TypeAlias = Literal["process", "thread", "serial"]
 _BACKENDS = ("process", "thread", "serial")
-_ON_ERROR = ("raise", "collect")
+_ON_ERROR = ("raise", "collect", "debug")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Options:
     workers: int | None = None
     backend: BackendName | Executor = "process"
     chunksize: int | None = None
-    on_error: Literal["raise", "collect"] = "raise"
+    on_error: Literal["raise", "collect", "debug"] = "raise"
     timeout: float | None = None
     retries: int = 0
     progress: bool = False
@@ -43,6 +43,7 @@ class Options:
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
+    seed: int | None = None
 
     def merge(self, changes: Mapping[str, Any]) -> Options:
         """A copy with ``changes`` applied, each one validated."""
@@ -61,7 +62,7 @@ class LoopOptions(TypedDict, total=False):
     workers: SupportsIndex | None
     backend: BackendName | Executor
     chunksize: SupportsIndex | None
-    on_error: Literal["raise", "collect"]
+    on_error: Literal["raise", "collect", "debug"]
     timeout: float | SupportsFloat | None
     retries: SupportsIndex
     progress: bool
@@ -69,6 +70,7 @@ class LoopOptions(TypedDict, total=False):
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...] | list[Any]
     max_tasks_per_worker: SupportsIndex | None
+    seed: SupportsIndex | None
 
 
 def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
     normalized: dict[str, Any] = {
         name: tuple(value) if name == "initargs" else value for name, value in changes.items()
     }
-    for name in ("workers", "chunksize", "retries", "max_tasks_per_worker"):
+    for name in ("workers", "chunksize", "retries", "max_tasks_per_worker", "seed"):
         if normalized.get(name) is not None:
             normalized[name] = operator.index(normalized[name])
     if normalized.get("timeout") is not None:
@@ -210,6 +212,13 @@ def _check_retries(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}: must be 0 or more")
 
 
+def _check_seed(name: str, value: Any) -> None:
+    if value is not None and not _is_whole(value):
+        raise TypeError(f"{name}={value!r}: expected a whole number (the loop's random seed), or None")
+    if value is not None and value < 0:
+        raise ValueError(f"{name}={value!r}: must be 0 or more (numpy.random.SeedSequence takes no negative seed)")
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: expected True or False")
@@ -265,4 +274,5 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
     "initializer": _check_initializer,
     "initargs": _check_initargs,
     "max_tasks_per_worker": _positive_int_or_none,
+    "seed": _check_seed,
 }

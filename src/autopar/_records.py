@@ -118,6 +118,10 @@ class Chunk(NamedTuple):
     timeout: float | None = None
     loop_token: int = 0
     """A small number naming the loop, for workers to skip the chunks of a stopped loop."""
+    seed: int | None = None
+    """The loop's ``seed=``: each iteration's random streams derive from it and its index."""
+    keywords: tuple[str, ...] = ()
+    """The last ``len(keywords)`` arguments of each call go by these keyword names (`each`)."""
 
 
 class WireError(NamedTuple):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload
 
-__all__ = ["Failure", "LoopResult", "LoopStats", "describe_call"]
+from autopar._errors import AutoparError
+
+__all__ = ["Failure", "LoopResult", "LoopStats", "Rerunner", "describe_call"]
 
 R = TypeVar("R", covariant=True)  # read-only: a LoopResult[Dog] is a LoopResult[Animal]
 _A = TypeVar("_A")
@@ -47,6 +49,15 @@ def describe_call(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     return f"{name}({', '.join(parts)})"
 
 
+class Rerunner(Protocol):
+    """How to run a loop's iterations again in this process (see ``autopar._replay``): what
+    `Failure.replay` and `LoopResult.retry_failures` hand over to."""
+
+    def replay(self, failure: Failure, debug: bool) -> Any: ...
+
+    def retry(self, result: LoopResult[Any], changes: dict[str, Any]) -> LoopResult[Any]: ...
+
+
 @dataclass(frozen=True)
 class Failure:
     """One iteration that failed: where, with what arguments, and why."""
@@ -63,6 +74,22 @@ class Failure:
     """The traceback as the worker saw it, as text."""
     attempts: int = 1
     """How many times the iteration was tried, retries included."""
+    _rerun: Rerunner | None = field(default=None, repr=False, compare=False)
+
+    def replay(self, debug: bool = False) -> Any:
+        """Run this iteration again in this process, with the same function, arguments and
+        keyword arguments (and random streams, under ``seed=``): return its value, or raise
+        its exception live, with a real traceback. ``debug=True``: under the debugger
+        (``pdb``, or what ``PYTHONBREAKPOINT`` names), stopped where it raised."""
+        if not isinstance(debug, bool):
+            raise TypeError(f"replay(debug={debug!r}): expected True or False")
+        if self._rerun is None:
+            raise _not_rerunnable(f"iteration {self.index}")
+        return self._rerun.replay(self, debug)
+
+
+def _not_rerunnable(what: str) -> Exception:
+    return AutoparError(f"cannot run {what} again: this record was not made by an autopar loop")
 
 
 @dataclass(frozen=True)
@@ -158,6 +185,19 @@ class LoopResult(Sequence[R], Generic[R]):
     stats: LoopStats
     missing: list[int] = field(default_factory=list)
     """Indices that never ran: only non-empty on an ``err.partial_result``."""
+    _rerun: Rerunner | None = field(default=None, repr=False)
+
+    def retry_failures(self, **options: Any) -> LoopResult[R]:
+        """Run the failed iterations again (same function, arguments and keyword arguments;
+        ``options`` as for ``.options()``, such as ``timeout=60`` or ``backend="serial"``)
+        and return a new result: the new values in the failed slots, `failures` holding only
+        those that failed again, ``attempts`` counting every try. This one is unchanged."""
+        if not self.failures:
+            return LoopResult(list(self._values), [], self.stats, list(self.missing), self._rerun)
+        if self._rerun is None:
+            raise _not_rerunnable("these failures")
+        retried: LoopResult[R] = self._rerun.retry(self, options)
+        return retried
 
     @property
     def ok(self) -> bool:

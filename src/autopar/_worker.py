@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
+from autopar._random import fresh_worker_streams, seeded_chunk
 from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload, WireError
 from autopar._serialize import (
     describe,
@@ -106,6 +107,7 @@ def initialize_worker(
         slots.claim()
         _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fresh_worker_streams()
     # A SIGTERM handler inherited from the parent by fork (sys.exit in it, say) would turn the
     # stop of an overdue iteration into that iteration's own exception, raised in the parent.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -273,7 +275,9 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
             ) from exc  # a subclass, which the engine answers by resending call by call
         _local.shipped = getattr(_local, "shipped", 0) + 1
         try:
-            values, errors, seconds = _run(function, calls, broadcast, chunk.timeout, slots)
+            with seeded_chunk(chunk.seed, global_generators=_is_worker_process) as begin:
+                target = _call_target(function, broadcast, chunk.keywords)
+                values, errors, seconds = _run(target, calls, chunk.timeout, slots, begin)
         finally:
             _local.shipped -= 1
         if slots is not None:
@@ -296,35 +300,57 @@ def initialize_thread(initializer: Callable[..., Any], initargs: tuple[Any, ...]
 
 
 def run_calls(
-    function: Callable[..., Any], calls: Calls, broadcast: dict[str, Any], timeout: float | None
-) -> ChunkResult:
-    """Run a chunk in this process, keeping live values and exceptions."""
-    setup_failed: tuple[BaseException, str] | None = getattr(_local, "initializer_failed", None)
-    if setup_failed is not None:  # this thread's initializer failed: none runs
-        failing = {position: Failed(index, *setup_failed) for position, (index, _) in enumerate(calls)}
-        return ChunkResult([None] * len(calls), failing, 0.0, setup_failed=True)
-    values, errors, seconds = _run(function, calls, broadcast, timeout, None)
-    failed = {position: Failed(calls.index_of(position), exc, tb_text) for position, (exc, tb_text) in errors.items()}
-    return ChunkResult(values, failed, seconds)
-
-
-def _run(
     function: Callable[..., Any],
     calls: Calls,
     broadcast: dict[str, Any],
     timeout: float | None,
+    seed: int | None = None,
+    keywords: tuple[str, ...] = (),
+    serial: bool = False,
+) -> ChunkResult:
+    """Run a chunk in this process, keeping live values and exceptions. ``serial``: no other
+    iteration runs meanwhile, so the process's global random generators may be seeded."""
+    setup_failed: tuple[BaseException, str] | None = getattr(_local, "initializer_failed", None)
+    if setup_failed is not None:  # this thread's initializer failed: none runs
+        failing = {position: Failed(index, *setup_failed) for position, (index, _) in enumerate(calls)}
+        return ChunkResult([None] * len(calls), failing, 0.0, setup_failed=True)
+    with seeded_chunk(seed, global_generators=serial) as begin:
+        values, errors, seconds = _run(_call_target(function, broadcast, keywords), calls, timeout, None, begin)
+    failed = {position: Failed(calls.index_of(position), exc, tb_text) for position, (exc, tb_text) in errors.items()}
+    return ChunkResult(values, failed, seconds)
+
+
+def _call_target(function: Callable[..., Any], broadcast: dict[str, Any], keywords: tuple[str, ...]) -> Any:
+    """What each call's arguments are given to: the function with the broadcast keyword
+    arguments, taking the last ``len(keywords)`` arguments by those names (`each`)."""
+    target = functools.partial(function, **broadcast) if broadcast else function
+    if not keywords:
+        return target
+    count = len(keywords)
+
+    def call(*args: Any) -> Any:
+        return target(*args[:-count], **dict(zip(keywords, args[-count:], strict=True)))
+
+    return call
+
+
+def _run(
+    target: Callable[..., Any],
+    calls: Calls,
+    timeout: float | None,
     slots: WorkerSlots | None,
+    begin: Callable[[int], None] | None,
 ) -> tuple[list[Any], dict[int, tuple[BaseException, str]], float]:
     """Run each call in its own ``try``, telling ``slots`` which one runs (and since when,
-    for timeouts). An iteration that overran ``timeout`` without being stopped (threads,
-    executors that cannot kill a worker) fails once it returns."""
+    for timeouts), and ``begin`` (seeded loops) which iteration starts. An iteration that
+    overran ``timeout`` without being stopped (threads, executors that cannot kill a
+    worker) fails once it returns."""
     values: list[Any] = []
     errors: dict[int, tuple[BaseException, str]] = {}
     where = slots.position_writer() if slots is not None else None
     view, at = where if where is not None else (None, 0)
     stamp_starts = view is not None and timeout is not None
     single = calls.single
-    target = functools.partial(function, **broadcast) if broadcast else function
     _local.depth = getattr(_local, "depth", 0) + 1
     started = previous = time.perf_counter()
     try:
@@ -333,6 +359,8 @@ def _run(
                 if stamp_starts:
                     view[at + 1] = time.monotonic_ns()
                 view[at] = position
+            if begin is not None:
+                begin(calls.index_of(position))
             try:
                 values.append(target(args) if single else target(*args))
             except KeyboardInterrupt as exc:

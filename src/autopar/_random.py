@@ -1,0 +1,228 @@
+"""Randomness: every iteration's random numbers from ``(seed, index)`` alone, and fresh ones in
+every new worker.
+
+With ``seed=S``, iteration ``i`` draws from streams derived from ``(S, i)``, wherever and
+whenever it runs: `rng` gives a `numpy.random.Generator` on
+``SeedSequence(S, spawn_key=(i,))``; NumPy's global generator is seeded from that same
+sequence, and Python's `random` from a hash of ``(S, i)`` (no NumPy needed).
+
+Seeding a Mersenne Twister costs 1.5-3.5 us, as much as a tiny iteration, and most loops
+never draw. So the global generators are seeded lazily: while a seeded chunk runs, the
+functions of the ``random`` and ``numpy.random`` modules are replaced by thin wrappers that
+seed their generator on the iteration's first draw; an iteration that does not draw costs
+one assignment. A generator reached another way (``from numpy.random import normal`` before
+the loop, a library that holds ``np.random.mtrand._rand``) is not reseeded: `rng`, or a
+``random_state=autopar.rng()`` argument, reaches every draw (`verify` shows the difference).
+
+The global generators are process-wide: they are seeded only where one iteration runs at a
+time (autopar's worker processes, ``"serial"``), and put back as they were after each chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = [
+    "fresh_worker_streams",
+    "global_states",
+    "iteration_streams",
+    "put_back_global_states",
+    "rng",
+    "seeded_chunk",
+]
+
+Stream = tuple[int, int]
+"""``(seed, index)``: what an iteration's random numbers derive from."""
+
+_local = threading.local()  # .stream: the running iteration's; .generator: (stream, Generator)
+_due: dict[str, Stream | None] = {"random": None, "numpy": None}
+"""Per global generator, the stream it must be seeded with at its next draw."""
+_saved: dict[str, Any] = {}
+"""Each global generator's state before this chunk first seeded it: put back at the chunk's end."""
+_hooked: dict[str, dict[str, Callable[..., Any]]] = {}
+"""Per module, the functions replaced by seeding wrappers: the originals, by name."""
+_hook_lock = threading.Lock()
+
+
+def rng() -> Any:
+    """A `numpy.random.Generator` for the running iteration: with ``seed=`` on the loop, its
+    numbers come from ``(seed, iteration index)`` alone (the same on every backend, worker
+    count, chunking and retry); otherwise, and outside an iteration, freshly seeded."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise ImportError("autopar.rng() returns a numpy.random.Generator: install numpy") from None
+    stream: Stream | None = getattr(_local, "stream", None)
+    if stream is None:
+        return np.random.default_rng()
+    held = getattr(_local, "generator", None)
+    if held is None or held[0] is not stream:  # one Generator per iteration: later calls continue it
+        held = (stream, np.random.default_rng(_seed_sequence(stream)))
+        _local.generator = held
+    return held[1]
+
+
+def _seed_sequence(stream: Stream) -> Any:
+    import numpy as np
+
+    seed, index = stream
+    return np.random.SeedSequence(seed, spawn_key=(index,))
+
+
+@contextmanager
+def seeded_chunk(seed: int | None, global_generators: bool) -> Iterator[Callable[[int], None] | None]:
+    """Around a chunk: yields the function to call with each iteration's index before it
+    runs (None without a seed). ``global_generators``: also seed ``random`` and NumPy's
+    global generator, where no other iteration runs at the same time."""
+    if seed is None:
+        yield None
+        return
+    previous = getattr(_local, "stream", None)
+    hooked = global_generators and _hook_lock.acquire(blocking=False)  # a nested seeded loop: the outer one's hooks
+    if hooked:
+        _install_hooks()
+
+    def begin(index: int) -> None:
+        _local.stream = stream = (seed, index)
+        if hooked:
+            _due["random"] = _due["numpy"] = stream
+            if "numpy" not in _hooked and "numpy" in sys.modules:  # imported by an earlier iteration
+                _install_hooks()
+
+    try:
+        yield begin
+    finally:
+        _local.stream = previous
+        if hooked:
+            _due["random"] = _due["numpy"] = None
+            _uninstall_hooks()
+            _put_back_states()
+            _hook_lock.release()
+
+
+@contextmanager
+def iteration_streams(seed: int | None, index: int) -> Iterator[None]:
+    """One iteration run again in this process (a replay), its streams as in the loop."""
+    with seeded_chunk(seed, global_generators=True) as begin:
+        if begin is not None:
+            begin(index)
+        yield
+
+
+def fresh_worker_streams() -> None:
+    """In a new worker process: NumPy's global generator from fresh entropy. A forked worker
+    inherits its parent's state, so every worker would repeat the same draws (Python's
+    `random` already reseeds itself after a fork)."""
+    numpy_random = sys.modules.get("numpy.random")  # imported after the fork, it seeds itself
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def global_states() -> dict[str, Any]:
+    """The state of each process-global generator, by the module whose functions draw from it."""
+    return {generator: _get_state(instance) for generator, (_, instance, _) in _generators().items()}
+
+
+def put_back_global_states(states: dict[str, Any]) -> None:
+    generators = _generators()
+    for generator, state in states.items():
+        _set_state(generators[generator][1], state)
+
+
+def _get_state(instance: Any) -> Any:
+    return instance.getstate() if isinstance(instance, random.Random) else instance.get_state()
+
+
+def _set_state(instance: Any, state: Any) -> None:
+    if isinstance(instance, random.Random):
+        instance.setstate(state)
+    else:
+        instance.set_state(state)
+
+
+# --- the lazy seeding of the global generators ---
+
+
+def _seed_random(stream: Stream) -> None:
+    seed, index = stream
+    material = hashlib.sha512(b"autopar random %d %d" % (seed, index)).digest()
+    random._inst.seed(int.from_bytes(material, "big"))
+
+
+def _seed_numpy(stream: Stream) -> None:
+    import numpy as np
+
+    key = np.random.MT19937(_seed_sequence(stream)).state["state"]
+    np.random.mtrand._rand.set_state(("MT19937", key["key"], key["pos"], 0, 0.0))  # and no cached gauss
+
+
+def _generators() -> dict[str, tuple[Any, Any, Callable[[Stream], None]]]:
+    """Per global generator now imported: its module, the object its functions are bound to,
+    and how to seed it."""
+    found: dict[str, tuple[Any, Any, Callable[[Stream], None]]] = {"random": (random, random._inst, _seed_random)}
+    if "numpy" in sys.modules:  # numpy.random is imported on first use: use it now, to hook it
+        import numpy.random as numpy_random
+
+        found["numpy"] = (numpy_random, numpy_random.mtrand._rand, _seed_numpy)
+    return found
+
+
+_STATE_FUNCTIONS = ("seed", "get_state", "set_state", "getstate", "setstate")
+"""Functions of a generator's module that act on its state (NumPy's are not bound methods)."""
+_RESETS = ("seed", "set_state", "setstate")
+"""Those that replace the state: an iteration calling one chose its own numbers."""
+
+
+def _install_hooks() -> None:
+    for generator, (module, instance, seed_it) in _generators().items():
+        if generator in _hooked:
+            continue
+        originals = {
+            name: value
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (getattr(value, "__self__", None) is instance or (name in _STATE_FUNCTIONS and callable(value)))
+        }
+        for name, original in originals.items():
+            setattr(module, name, _seeding(generator, instance, seed_it, original, resets=name in _RESETS))
+        _hooked[generator] = originals
+
+
+def _seeding(
+    generator: str, instance: Any, seed_it: Callable[[Stream], None], original: Callable[..., Any], resets: bool
+) -> Callable[..., Any]:
+    """``original`` (``np.random.normal``, say), seeding its generator first when due; for
+    a function that ``resets`` the state (``np.random.seed``), not seeding it at all."""
+
+    @functools.wraps(original)
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        stream = _due[generator]
+        if stream is not None:
+            _due[generator] = None
+            if generator not in _saved:
+                _saved[generator] = _get_state(instance)
+            if not resets:
+                seed_it(stream)
+        return original(*args, **kwargs)
+
+    return draw
+
+
+def _uninstall_hooks() -> None:
+    modules = {generator: module for generator, (module, _, _) in _generators().items()}
+    for generator, originals in _hooked.items():
+        for name, original in originals.items():
+            setattr(modules[generator], name, original)
+    _hooked.clear()
+
+
+def _put_back_states() -> None:
+    put_back_global_states(_saved)
+    _saved.clear()

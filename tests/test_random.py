@@ -1,0 +1,153 @@
+"""seed= and autopar.rng(): every iteration's numbers from (seed, index) alone; fresh streams
+in every worker without a seed."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import autopar
+from autopar import parallel_loop
+from conftest import START_METHODS
+
+
+def draws(x: int) -> tuple[float, float, float]:
+    """One draw from each generator a legacy loop uses."""
+    return random.random(), float(np.random.normal()), float(autopar.rng().normal())
+
+
+def rng_only(x: int) -> float:
+    return float(autopar.rng().normal())
+
+
+def draws_then_fails_once(x: int, marker_dir: str) -> tuple[float, float]:
+    """Draws, then fails the first time it runs for x == 2 (a retry must draw the same)."""
+    values = (random.random(), float(np.random.normal()))
+    marker = Path(marker_dir) / f"ran-{x}"
+    if x == 2 and not marker.exists():
+        marker.write_text("once")
+        raise RuntimeError("first try fails")
+    return values
+
+
+def first_draw_and_pid(x: int) -> tuple[int, float]:
+    time.sleep(0.05)  # both workers take iterations
+    return os.getpid(), float(np.random.random())
+
+
+SEEDED = [
+    pytest.param({"backend": "serial"}, id="serial"),
+    pytest.param({"backend": "process", "workers": 1}, id="process-1"),
+    pytest.param({"backend": "process", "workers": 2, "chunksize": 1}, id="process-2-chunk1"),
+    pytest.param({"backend": "process", "workers": 2, "chunksize": 5}, id="process-2-chunk5"),
+] + [
+    pytest.param({"backend": "process", "workers": 2, "start_method": m}, id=f"process-{m}", marks=pytest.mark.contract)
+    for m in START_METHODS
+]
+
+
+@pytest.mark.parametrize("options", SEEDED)
+def test_seed_gives_every_iteration_the_same_numbers_wherever_it_runs(options: dict[str, Any]) -> None:
+    expected = list(parallel_loop(draws).options(backend="serial", seed=11).map(range(12)))
+    assert list(parallel_loop(draws).options(seed=11, **options).map(range(12))) == expected
+    assert len(set(expected)) == 12  # every iteration its own numbers
+    other = list(parallel_loop(draws).options(backend="serial", seed=12).map(range(12)))
+    assert all(a != b for a, b in zip(expected, other, strict=True))  # another seed, other numbers
+
+
+def test_seed_on_threads_makes_rng_per_iteration() -> None:
+    """The global generators are shared by threads; autopar.rng() is the iteration's own."""
+    expected = list(parallel_loop(rng_only).options(backend="serial", seed=3).map(range(20)))
+    assert list(parallel_loop(rng_only).options(backend="thread", workers=4, seed=3).map(range(20))) == expected
+
+
+def test_a_retried_iteration_draws_the_same_numbers(tmp_path: Path) -> None:
+    loop = parallel_loop(draws_then_fails_once)
+    ran_before = tmp_path / "clean"
+    ran_before.mkdir()
+    (ran_before / "ran-2").write_text("")
+    clean = list(loop.options(backend="serial", seed=5).map(range(4), marker_dir=str(ran_before)))
+    retried = loop.options(workers=2, seed=5, retries=1).map(range(4), marker_dir=str(tmp_path))
+    assert (tmp_path / "ran-2").exists()  # it did fail once
+    assert retried.ok
+    assert list(retried) == clean
+
+
+def test_rng_continues_within_an_iteration_and_is_fresh_outside() -> None:
+    @parallel_loop(backend="serial", seed=1)
+    def two(x: int) -> tuple[float, float]:
+        return float(autopar.rng().random()), float(autopar.rng().random())
+
+    first, second = two.map([0])[0]
+    assert first != second  # the second call continues the stream, it does not restart it
+    assert autopar.rng().random() != autopar.rng().random()  # outside: unseeded
+    assert isinstance(autopar.rng(), np.random.Generator)
+
+
+def test_without_seed_rng_in_an_iteration_is_unseeded() -> None:
+    values = list(parallel_loop(rng_only).options(backend="serial").map(range(5)))
+    again = list(parallel_loop(rng_only).options(backend="serial").map(range(5)))
+    assert values != again
+
+
+def test_a_seeded_serial_loop_leaves_this_process_generators_as_they_were() -> None:
+    random.seed(99)
+    np.random.seed(99)
+    expected = (random.random(), float(np.random.random()))
+    random.seed(99)
+    np.random.seed(99)
+    parallel_loop(draws).options(backend="serial", seed=4).map(range(3))
+    assert (random.random(), float(np.random.random())) == expected
+    assert random.random.__self__ is random._inst  # type: ignore[attr-defined]  # the hooks are gone
+    assert np.random.normal.__self__ is np.random.mtrand._rand
+
+
+def test_an_iteration_seeding_the_global_generator_itself_wins() -> None:
+    @parallel_loop(backend="serial", seed=8)
+    def reseeds(x: int) -> float:
+        np.random.seed(123)
+        return float(np.random.random())
+
+    np.random.seed(123)
+    assert list(reseeds.map(range(2))) == [float(np.random.random())] * 2
+
+
+@pytest.mark.skipif("fork" not in START_METHODS, reason="needs fork")
+def test_forked_workers_do_not_repeat_each_others_numpy_draws() -> None:
+    """Without seed=, workers forked from a parent that used np.random drew the same numbers."""
+    np.random.random()  # numpy.random is imported here, and its state inherited by fork
+    autopar.shutdown()  # new workers, forked now
+    res = parallel_loop(first_draw_and_pid).options(workers=2, start_method="fork", chunksize=1).map(range(8))
+    first_of: dict[int, float] = {}
+    for pid, value in res:
+        first_of.setdefault(pid, value)
+    assert len(first_of) == 2
+    assert len(set(first_of.values())) == 2
+    assert len({value for _, value in res}) == 8
+
+
+@pytest.mark.parametrize(
+    ("seed", "error", "match"),
+    [
+        ("7", TypeError, "seed='7': expected a whole number"),
+        (1.5, TypeError, "seed=1.5"),
+        (True, TypeError, "seed=True"),
+        (-1, ValueError, "seed=-1: must be 0 or more"),
+    ],
+)
+def test_a_bad_seed_is_refused_naming_it(seed: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        parallel_loop(seed=seed)
+    with pytest.raises(error, match=match):
+        parallel_loop(draws).options(seed=seed)
+
+
+def test_a_numpy_integer_seed_is_accepted() -> None:
+    expected = list(parallel_loop(draws).options(backend="serial", seed=9).map(range(3)))
+    assert list(parallel_loop(draws).options(backend="serial", seed=np.int64(9)).map(range(3))) == expected
