@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
-from autopar import LoopIterator, LoopResult, parallel_loop
+from autopar import Failure, LoopIterator, LoopResult, VerifyReport, each, parallel_loop
 
 
 @parallel_loop(workers=2)
@@ -81,3 +81,10 @@ def cases() -> None:
     assert_type(model.scale.map([1, 2]), LoopResult[int])
     assert_type(Model.twice(2), int)
     assert_type(Model.twice.map([1, 2]), LoopResult[int])
+    # Part 2: each, verify, seed, replay, retry_failures, on_error="debug"
+    assert_type(three.map(parameter=each([1.0, 2.0])), LoopResult[tuple[float, int, str]])
+    assert_type(square.verify(range(3), sample=8), VerifyReport)
+    assert_type(square.options(seed=7, on_error="debug").map(range(3)).retry_failures(timeout=5), LoopResult[int])
+    failures: list[Failure] = square.map(range(3)).failures
+    failures[0].replay(debug=True)
+    square.options(seed="7")  # type: ignore[arg-type]
