@@ -749,7 +749,7 @@ def test_raise_skips_chunks_already_queued_in_the_executor(tmp_path: Path) -> No
 def test_imap_reads_a_bounded_way_ahead_of_a_slow_first_iteration() -> None:
     it = parallel_loop(slow_head, workers=2).imap(itertools.count())
     next(it)
-    read = it._collector.dispatcher.consumed
+    read = it._collector.dispatcher.counters.consumed
     it.close()
     window = 2 * 2  # chunks in flight for 2 workers
     assert read <= 2 * window * MAX_CHUNK  # what is in flight, and one window of results waiting

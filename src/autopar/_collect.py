@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from autopar._calls import own_keywords
 from autopar._debugger import debug_failure
-from autopar._engine import Dispatcher, Loop
+from autopar._engine import Dispatcher
 from autopar._errors import (
     RemoteTraceback,
     add_iteration_note,
@@ -24,6 +24,7 @@ from autopar._errors import (
     set_attribute,
 )
 from autopar._hazards import warn_if_writes_lost
+from autopar._plan import Loop
 from autopar._progress import progress_bar
 from autopar._records import Batch, Call, Failed
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
@@ -127,23 +128,24 @@ class _Collector:
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``.
         Results ``imap`` already handed out are not kept: ``None`` there, but not missing."""
-        values, missing = self.values.to_list(max(self.dispatcher.consumed, self.values.end()))
+        values, missing = self.values.to_list(max(self.dispatcher.counters.consumed, self.values.end()))
         delivered = self.dispatcher.delivered or 0
         missing = [index for index in missing if index >= delivered]
         failures = sorted(self.failures, key=lambda failure: failure.index)
         return LoopResult(values, failures, self.stats(), missing, self.dispatcher.loop.rerun)
 
     def stats(self) -> LoopStats:
+        counters = self.dispatcher.counters
         return LoopStats(
             wall_time=(self.ended or time.perf_counter()) - self.started,
             busy_time=self.busy_time,
             iterations=self.iterations,
-            workers=self.dispatcher.workers,
-            chunksize=self.dispatcher.chunksize,
-            bytes_sent=self.dispatcher.bytes_sent,
-            bytes_received=self.dispatcher.bytes_received,
+            workers=self.dispatcher.plan.workers,
+            chunksize=counters.chunksize,
+            bytes_sent=counters.bytes_sent,
+            bytes_received=counters.bytes_received,
             failed=len(self.failures),
-            pickle_time=self.dispatcher.pickle_seconds,
+            pickle_time=counters.pickle_seconds,
         )
 
     def to_raise(self, failure: Failure) -> BaseException:
@@ -184,7 +186,7 @@ def run_map(loop: Loop, *, warn_lost_writes: bool = True) -> LoopResult[Any]:
             if failed and loop.options.on_error != "collect":
                 earliest = min(failed, key=lambda failure: failure.index)
                 first = earliest if first is None or earliest.index < first.index else first
-                dispatcher.stop_before = first.index
+                dispatcher.stop_before(first.index)
             if first is not None and not dispatcher.runs_before(first.index):
                 break
         if first is not None:
@@ -252,7 +254,7 @@ class LoopIterator(Iterator[R], Generic[R]):
 def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Failure | None]:
     """The results in input order; under "raise", returns the first failure, to be raised."""
     dispatcher = collector.dispatcher
-    dispatcher.delivered = 0
+    dispatcher.delivered_up_to(0)
     batches = dispatcher.batches()
     failed_at: dict[int, Failure] = {}
     next_index = 0
@@ -269,7 +271,7 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Fail
                     failed_at.pop(next_index, None)
                     yield value  # the caller has it now: memory stays flat
                     next_index += 1
-                    dispatcher.delivered = next_index
+                    dispatcher.delivered_up_to(next_index)
     except KeyboardInterrupt as exc:
         collector.interrupted(exc)
         raise

@@ -20,9 +20,9 @@ import wrapt
 
 from autopar._calls import Calls, split_keywords, star_calls, take, zip_calls
 from autopar._collect import LoopIterator, run_imap, run_map
-from autopar._engine import Loop
 from autopar._errors import UnsafeLoopError
 from autopar._options import OPTION_NAMES, LoopOptions, Options, resolve, validate
+from autopar._plan import Loop
 from autopar._replay import Rerun
 from autopar._results import LoopResult
 from autopar._serialize import dumps, loads, reduce_with

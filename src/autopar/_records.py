@@ -173,3 +173,16 @@ class Batch:
     values: list[Any]
     failures: list[tuple[Call, Failed]]
     seconds: float
+
+    @classmethod
+    def empty(cls) -> Batch:
+        """Nothing finished (the chunk was sent again)."""
+        return cls([], [], [], 0.0)
+
+    def joined(self, other: Batch) -> Batch:
+        return Batch(
+            [*self.indices, *other.indices],
+            self.values + other.values,
+            self.failures + other.failures,
+            self.seconds + other.seconds,
+        )

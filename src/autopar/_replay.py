@@ -15,9 +15,9 @@ from typing import Any
 
 from autopar._collect import run_map
 from autopar._debugger import post_mortem
-from autopar._engine import Loop
 from autopar._errors import AutoparError
 from autopar._options import Options, resolve
+from autopar._plan import Loop
 from autopar._random import iteration_streams
 from autopar._results import Failure, LoopResult
 from autopar._serialize import describe, dumps, loads

@@ -25,9 +25,9 @@ from typing import Any
 
 from autopar._calls import own_keywords
 from autopar._collect import run_map
-from autopar._engine import Loop
 from autopar._hazards import global_names
 from autopar._options import Options
+from autopar._plan import Loop
 from autopar._random import global_states, iteration_streams, put_back_global_states
 from autopar._results import describe_call
 from autopar._serialize import describe, dumps, loads
