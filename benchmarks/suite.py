@@ -244,8 +244,9 @@ def autopar_runners(
             return convert(loop.map(items, **kwargs))
 
         method = options.get("start_method", "fork")
-        tag = "warm" if is_warm else "cold"
-        name = f"autopar ({tag})" if method == "fork" else f"autopar ({tag}, {method})"
+        tags = ["warm" if is_warm else "cold"] + ([method] if method != "fork" else [])
+        tags += [f"{option}={options[option]}" for option in ("seed",) if option in options]
+        name = f"autopar ({', '.join(tags)})"
         setup = loop.warm_up if is_warm else autopar.shutdown
         note = "pool started by a previous call" if is_warm else "after autopar.shutdown(): pool start included"
         runners.append(Runner(name, run, setup=setup, note=note, info=loop.info))
@@ -300,6 +301,7 @@ def loop_tiny(cfg: Config) -> Loop:
     n = cfg.size(100_000, 20_000)
     cap = cfg.size(5_000, 2_000)
     runners, skipped = standard(wl.task_tiny, list(range(n)), cfg, ppe_cap=cap)
+    runners += autopar_runners(wl.task_tiny, list(range(n)), cfg, seed=1)  # seed= costs a few percent at most
     return Loop("tiny", f"{n:,} iterations x 5 us", n, runners, skipped)
 
 
