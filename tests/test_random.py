@@ -202,3 +202,14 @@ def test_a_seeded_serial_loop_costs_little_more_than_an_unseeded_one() -> None:
     loop.options(seed=1).map(range(4000))
     seeded = time.perf_counter() - started
     assert seeded < 5 * unseeded + 0.05
+
+
+def test_seed_on_a_users_process_pool_executor_seeds_the_global_generators() -> None:
+    """A ProcessPoolExecutor runs one chunk at a time in each process, as autopar's pool
+    does: random / np.random were left unseeded there, every value differing from serial."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    expected = list(parallel_loop(draws).options(backend="serial", seed=11).map(range(6)))
+    with ProcessPoolExecutor(2) as executor:
+        got = list(parallel_loop(draws).options(backend=executor, seed=11, chunksize=2).map(range(6)))
+    assert got == expected

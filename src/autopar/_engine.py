@@ -48,7 +48,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple
@@ -383,6 +383,7 @@ class Dispatcher:
                 self._loop_token,
                 self.options.seed,
                 self.loop.keywords,
+                isinstance(self.options.backend, ProcessPoolExecutor),
             )
             call = (run_chunk, task)
         try:
