@@ -295,3 +295,15 @@ def test_autopar_verify_checks_every_loop_of_a_program(tmp_path: Path) -> None:
 
 def test_verify_is_exported() -> None:
     assert {"VerifyReport", "Mismatch", "UnsafeLoopError", "each", "rng"} <= set(autopar.__all__)
+
+
+def test_on_serial_a_change_is_explained_for_the_backends_it_would_break() -> None:
+    """AUTOPAR_BACKEND=serial with AUTOPAR_VERIFY: the report spoke of threads sharing the
+    global, which is not what "serial" does."""
+    text = str(parallel_loop(counts).options(backend="serial").verify(range(4)))
+    assert "the threads share it" not in text
+    assert 'on "serial"' in text and 'on "process"' in text
+    report = parallel_loop(appends_to_argument).options(backend="serial").verify([[]], [1])
+    assert report.mutated_arguments
+    assert 'on "serial"' in str(report)
+    assert COUNT == 0
