@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import random
 import sys
 import threading
@@ -48,7 +49,15 @@ _saved: dict[str, Any] = {}
 """Each global generator's state before this chunk first seeded it: put back at the chunk's end."""
 _hooked: dict[str, dict[str, Callable[..., Any]]] = {}
 """Per module, the functions replaced by seeding wrappers: the originals, by name."""
+_wrappers: dict[tuple[str, str], tuple[Callable[..., Any], Callable[..., Any]]] = {}
+"""Per (generator, function name): the original, and its seeding wrapper, made once (a chunk
+of ``"serial"`` is one iteration: building ~70 wrappers each time cost ~100 us)."""
+_scanned: dict[str, dict[str, Callable[..., Any]]] = {}
+"""Per generator, the functions of its module found to draw from it (scanned again when one
+of them is no longer there)."""
 _hook_lock = threading.Lock()
+_owner: int | None = None
+"""The thread whose seeded chunk holds the hooks (a nested seeded loop in it seeds too)."""
 
 
 def rng() -> Any:
@@ -81,17 +90,24 @@ def seeded_chunk(seed: int | None, global_generators: bool) -> Iterator[Callable
     """Around a chunk: yields the function to call with each iteration's index before it
     runs (None without a seed). ``global_generators``: also seed ``random`` and NumPy's
     global generator, where no other iteration runs at the same time."""
+    global _owner
     if seed is None:
         yield None
         return
     previous = getattr(_local, "stream", None)
-    hooked = global_generators and _hook_lock.acquire(blocking=False)  # a nested seeded loop: the outer one's hooks
+    # A seeded loop nested in a seeded iteration of this thread runs on the outer one's hooks,
+    # with its own streams; the outer iteration's generators are put back as they were after it.
+    nested = global_generators and _owner == threading.get_ident()
+    outer_due, outer_states = (dict(_due), global_states()) if nested else ({}, {})
+    hooked = global_generators and not nested and _hook_lock.acquire(blocking=False)
     if hooked:
+        _owner = threading.get_ident()
         _install_hooks()
+    seeds = hooked or nested
 
     def begin(index: int) -> None:
         _local.stream = stream = (seed, index)
-        if hooked:
+        if seeds:
             _due["random"] = _due["numpy"] = stream
             if "numpy" not in _hooked and "numpy" in sys.modules:  # imported by an earlier iteration
                 _install_hooks()
@@ -100,10 +116,14 @@ def seeded_chunk(seed: int | None, global_generators: bool) -> Iterator[Callable
         yield begin
     finally:
         _local.stream = previous
+        if nested:
+            put_back_global_states(outer_states)
+            _due.update(outer_due)
         if hooked:
             _due["random"] = _due["numpy"] = None
             _uninstall_hooks()
             _put_back_states()
+            _owner = None
             _hook_lock.release()
 
 
@@ -114,6 +134,22 @@ def iteration_streams(seed: int | None, index: int) -> Iterator[None]:
         if begin is not None:
             begin(index)
         yield
+
+
+def _after_fork_in_child() -> None:
+    """A process forked while a seeded chunk ran (a process loop started in a seeded serial
+    iteration) inherits the hooks, the held lock and the iteration's stream: its own seeded
+    chunks would never seed the global generators, nor its unseeded ones get a fresh rng()."""
+    global _hook_lock, _owner
+    if _hooked:
+        _uninstall_hooks()
+    _due["random"] = _due["numpy"] = None
+    _saved.clear()
+    _hook_lock, _owner = threading.Lock(), None
+    _local.stream = _local.generator = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def fresh_worker_streams() -> None:
@@ -184,14 +220,22 @@ def _install_hooks() -> None:
     for generator, (module, instance, seed_it) in _generators().items():
         if generator in _hooked:
             continue
-        originals = {
-            name: value
-            for name, value in vars(module).items()
-            if not name.startswith("_")
-            and (getattr(value, "__self__", None) is instance or (name in _STATE_FUNCTIONS and callable(value)))
-        }
+        namespace = vars(module)
+        originals = _scanned.get(generator, {})
+        if not originals or any(namespace.get(name) is not value for name, value in originals.items()):
+            originals = {
+                name: value
+                for name, value in namespace.items()
+                if not name.startswith("_")
+                and (getattr(value, "__self__", None) is instance or (name in _STATE_FUNCTIONS and callable(value)))
+            }
+            _scanned[generator] = originals
         for name, original in originals.items():
-            setattr(module, name, _seeding(generator, instance, seed_it, original, resets=name in _RESETS))
+            made = _wrappers.get((generator, name))
+            if made is None or made[0] is not original:
+                made = original, _seeding(generator, instance, seed_it, original, resets=name in _RESETS)
+                _wrappers[generator, name] = made
+            setattr(module, name, made[1])
         _hooked[generator] = originals
 
 

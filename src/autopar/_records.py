@@ -122,6 +122,9 @@ class Chunk(NamedTuple):
     """The loop's ``seed=``: each iteration's random streams derive from it and its index."""
     keywords: tuple[str, ...] = ()
     """The last ``len(keywords)`` arguments of each call go by these keyword names (`each`)."""
+    one_at_a_time: bool = False
+    """The worker runs one chunk at a time in its process (a user's `ProcessPoolExecutor`),
+    so that a seeded chunk may seed the process-global generators, as autopar's workers do."""
 
 
 class WireError(NamedTuple):

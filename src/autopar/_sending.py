@@ -19,7 +19,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -114,6 +114,7 @@ class Packer:
             self.token,
             options.seed,
             loop.keywords,
+            isinstance(options.backend, ProcessPoolExecutor),
         )
         return Packed((run_chunk, task), calls, refused, segment, nbytes, sent_as)
 

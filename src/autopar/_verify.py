@@ -83,12 +83,13 @@ class VerifyReport:
         lines = [f"{head}, serially in this process and on {self.backend}."]
         if self.ok:
             lines.append("The parallel loop gave the same values, and no iteration changed anything it would lose.")
-        in_process = self.backend in ("serial", "thread")
-        lines += [_mutated_global(index, name, in_process) for index, name in self.mutated_globals]
+        threads = self.backend in ("thread", "ThreadPoolExecutor")
+        where = "serial" if self.backend == "serial" else "thread" if threads else "workers"
+        lines += [_mutated_global(index, name, where) for index, name in self.mutated_globals]
         by_name: dict[str, list[int]] = {}
         for index, name in self.mutated_arguments:
             by_name.setdefault(name, []).append(index)
-        lines += [_mutated_argument(indices, name, in_process) for name, indices in by_name.items()]
+        lines += [_mutated_argument(indices, name, where) for name, indices in by_name.items()]
         if self.global_random:
             sources = " and ".join(self.random_sources) or "a process-global generator"
             lines.append(
@@ -136,8 +137,13 @@ def _shown(outcome: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _mutated_argument(indices: list[int], name: str, in_process: bool) -> str:
-    if in_process:
+def _mutated_argument(indices: list[int], name: str, where: str) -> str:
+    if where == "serial":
+        effect = (
+            'on "serial" your program sees that change, as with the old loop; on "process" a worker changes a '
+            'copy, which your program never sees, and on "thread" threads make such changes in no fixed order'
+        )
+    elif where == "thread":
         effect = "your program sees that change, as with the old loop, but threads make such changes in no fixed order"
     else:
         effect = (
@@ -147,8 +153,13 @@ def _mutated_argument(indices: list[int], name: str, in_process: bool) -> str:
     return f"{_iterations(indices)} changed {name} in place: {effect}. Return what the iteration computes instead."
 
 
-def _mutated_global(index: int, name: str, in_process: bool) -> str:
-    if in_process:
+def _mutated_global(index: int, name: str, where: str) -> str:
+    if where == "serial":
+        where = (
+            'on "serial" it changes as in the old loop, but on "process" a worker process changes a copy of it, '
+            'which your program never sees, and on "thread" the threads change it in no fixed order'
+        )
+    elif where == "thread":
         where = "the threads share it, so iterations change it at once, in an order that is not the loop's"
     else:
         where = "in worker processes each worker changes its own copy, and your program never sees it"

@@ -275,7 +275,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
             ) from exc  # a subclass, which the engine answers by resending call by call
         _local.shipped = getattr(_local, "shipped", 0) + 1
         try:
-            with seeded_chunk(chunk.seed, global_generators=_is_worker_process) as begin:
+            with seeded_chunk(chunk.seed, global_generators=_is_worker_process or chunk.one_at_a_time) as begin:
                 target = _call_target(function, broadcast, chunk.keywords)
                 values, errors, seconds = _run(target, calls, chunk.timeout, slots, begin)
         finally:
