@@ -316,10 +316,8 @@ def reseeds_itself(x: int) -> float:
     return float(np.random.normal()) + random.random()
 
 
-@pytest.mark.xfail(strict=True, reason="design: global_random is any change of the generator state (review)")
 def test_an_iteration_that_seeds_the_global_generators_itself_is_not_global_random() -> None:
-    """Its values are the same in parallel, yet verify() reports global_random, and
-    AUTOPAR_VERIFY refuses the loop with UnsafeLoopError."""
+    """Its values are the same in parallel: verify() must not refuse it."""
     report = parallel_loop(reseeds_itself).verify(range(4))
     assert not report.mismatches
     assert report.ok

@@ -6,7 +6,7 @@ whenever it runs: `rng` gives a `numpy.random.Generator` on
 ``SeedSequence(S, spawn_key=(i,))``; NumPy's global generator is seeded from that same
 sequence, and Python's `random` from a hash of ``(S, i)`` (no NumPy needed).
 
-Seeding a Mersenne Twister costs 1.5-3.5 us, as much as a tiny iteration, and most loops
+Seeding a Mersenne Twister costs 4-11 us, more than a tiny iteration, and most loops
 never draw. So the global generators are seeded lazily: while a seeded chunk runs, the
 functions of the ``random`` and ``numpy.random`` modules are replaced by thin wrappers that
 seed their generator on the iteration's first draw; an iteration that does not draw costs
@@ -26,11 +26,13 @@ import os
 import random
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "DrawWatch",
     "fresh_worker_streams",
     "global_states",
     "iteration_streams",
@@ -43,8 +45,10 @@ Stream = tuple[int, int]
 """``(seed, index)``: what an iteration's random numbers derive from."""
 
 _local = threading.local()  # .stream: the running iteration's; .generator: (stream, Generator)
+_WATCH: Stream = (-1, -1)
+"""Due in place of a stream while `DrawWatch` looks: a draw is noted, not seeded."""
 _due: dict[str, Stream | None] = {"random": None, "numpy": None}
-"""Per global generator, the stream it must be seeded with at its next draw."""
+"""Per global generator, the stream it must be seeded with at its next draw (or `_WATCH`)."""
 _saved: dict[str, Any] = {}
 """Each global generator's state before this chunk first seeded it: put back at the chunk's end."""
 _hooked: dict[str, dict[str, Callable[..., Any]]] = {}
@@ -100,6 +104,13 @@ def seeded_chunk(seed: int | None, global_generators: bool) -> Iterator[Callable
     nested = global_generators and _owner == threading.get_ident()
     outer_due, outer_states = (dict(_due), global_states()) if nested else ({}, {})
     hooked = global_generators and not nested and _hook_lock.acquire(blocking=False)
+    if global_generators and not nested and not hooked:
+        warnings.warn(
+            "a seeded loop started while another thread's seeded loop holds this process's random and "
+            "numpy.random generators: its draws from them are not seeded (autopar.rng() is)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if hooked:
         _owner = threading.get_ident()
         _install_hooks()
@@ -152,6 +163,62 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class DrawWatch:
+    """For `verify`: which process-global generators each iteration, run in this thread,
+    draws from without choosing its own numbers first. A draw through the modules' functions
+    before any ``seed()``/``set_state()`` counts; so does a change of state with no such call
+    (a draw through a generator held elsewhere, ``scipy.stats``'s default). An iteration that
+    seeds the generator itself, then draws, gives the same numbers anywhere: it does not."""
+
+    def __init__(self) -> None:
+        self.drew: set[str] = set()
+        self.chose: set[str] = set()
+        self._before: dict[str, Any] = {}
+        self._hooked = False
+
+    def __enter__(self) -> DrawWatch:
+        global _owner, _watch
+        self._hooked = _hook_lock.acquire(blocking=False)  # else: states alone, as a seeded loop holds them
+        if self._hooked:
+            _owner, _watch = threading.get_ident(), self
+            _install_hooks()
+        return self
+
+    def begin(self) -> None:
+        """Before an iteration."""
+        self.drew.clear()
+        self.chose.clear()
+        if self._hooked:
+            if "numpy" not in _hooked and "numpy" in sys.modules:
+                _install_hooks()
+            _due["random"] = _due["numpy"] = _WATCH
+        self._before = global_states()
+
+    def end(self) -> set[str]:
+        """After the iteration: the generators it drew from, by module name."""
+        after = global_states()
+        changed = {g for g, state in after.items() if not _same_state(state, self._before.get(g, _MISSING))}
+        return self.drew | (changed - self.chose)
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _owner, _watch
+        if self._hooked:
+            _due["random"] = _due["numpy"] = None
+            _uninstall_hooks()
+            _owner, _watch = None, None
+            _hook_lock.release()
+
+
+_watch: DrawWatch | None = None
+_MISSING = object()
+
+
+def _same_state(state: Any, other: Any) -> bool:
+    import pickle
+
+    return other is not _MISSING and pickle.dumps(state) == pickle.dumps(other)
+
+
 def fresh_worker_streams() -> None:
     """In a new worker process: NumPy's global generator from fresh entropy. A forked worker
     inherits its parent's state, so every worker would repeat the same draws (Python's
@@ -195,8 +262,9 @@ def _seed_random(stream: Stream) -> None:
 def _seed_numpy(stream: Stream) -> None:
     import numpy as np
 
-    key = np.random.MT19937(_seed_sequence(stream)).state["state"]
-    np.random.mtrand._rand.set_state(("MT19937", key["key"], key["pos"], 0, 0.0))  # and no cached gauss
+    # 128 bits from the sequence, through the legacy seeding (which also drops a cached gauss):
+    # 11 us, where building the state through MT19937(sequence) took 120 us.
+    np.random.mtrand._rand.seed(_seed_sequence(stream).generate_state(4))
 
 
 def _generators() -> dict[str, tuple[Any, Any, Callable[[Stream], None]]]:
@@ -248,7 +316,12 @@ def _seeding(
     @functools.wraps(original)
     def draw(*args: Any, **kwargs: Any) -> Any:
         stream = _due[generator]
-        if stream is not None:
+        if stream is not None and _owner != threading.get_ident():  # another thread's draw: not its seeding
+            return original(*args, **kwargs)
+        if stream is _WATCH and _watch is not None:  # verify looks: note, do not seed
+            _due[generator] = None
+            (_watch.chose if resets else _watch.drew).add(generator)
+        elif stream is not None:
             _due[generator] = None
             if generator not in _saved:
                 _saved[generator] = _get_state(instance)

@@ -14,10 +14,10 @@ and the globals it changed (and the random generators it advanced) are put back 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
-import pickle
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,7 +28,7 @@ from autopar._collect import run_map
 from autopar._hazards import global_names
 from autopar._options import Options
 from autopar._plan import Loop
-from autopar._random import global_states, iteration_streams, put_back_global_states
+from autopar._random import DrawWatch, global_states, iteration_streams, put_back_global_states
 from autopar._results import describe_call
 from autopar._serialize import describe, dumps, loads
 
@@ -244,32 +244,34 @@ def _run_serially(
     shared = {**({"self": instance} if instance is not None else {}), **broadcast}
     shared = {key: _copy_or_same(value) for key, value in shared.items()}  # one copy: iterations share it
     instance = shared.get("self", instance)
-    for index, (args, keywords) in enumerate(calls):
-        args, keywords = _copy_or_same(args), _copy_or_same(keywords)
-        named = _named_arguments(plain, instance, args, keywords, broadcast)
-        objects = {**named, **{_broadcast_name(key): value for key, value in shared.items()}}
-        before = {key: _digest(value) for key, value in objects.items()}
-        watched.before(index)
-        drawn = _random_fingerprints() if seed is None else {}
-        with iteration_streams(seed, index):
-            try:
-                leading = (instance,) if instance is not None else ()
-                outcome = plain(*leading, *args, **keywords, **{k: v for k, v in shared.items() if k != "self"})
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                outcome = exc
-        run.outcomes.append(outcome)
-        if seed is None:
-            after = _random_fingerprints()
-            run.random_sources.update(source for source, state in drawn.items() if after.get(source) != state)
-        for key, value in objects.items():
-            if before[key] is None:
-                if key not in run.unchecked:
-                    run.unchecked.append(key)
-            elif _digest(value) != before[key]:
-                run.mutated_arguments.append((index, key))
-        watched.after(index)
+    watching: Any = DrawWatch() if seed is None else contextlib.nullcontext()
+    with watching as watch:
+        for index, (args, keywords) in enumerate(calls):
+            args, keywords = _copy_or_same(args), _copy_or_same(keywords)
+            named = _named_arguments(plain, instance, args, keywords, broadcast)
+            objects = {**named, **{_broadcast_name(key): value for key, value in shared.items()}}
+            before = {key: _digest(value) for key, value in objects.items()}
+            watched.before(index)
+            if watch is not None:
+                watch.begin()
+            with iteration_streams(seed, index):
+                try:
+                    leading = (instance,) if instance is not None else ()
+                    outcome = plain(*leading, *args, **keywords, **{k: v for k, v in shared.items() if k != "self"})
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
+                    outcome = exc
+            run.outcomes.append(outcome)
+            if watch is not None:
+                run.random_sources.update(_SOURCES[generator] for generator in watch.end())
+            for key, value in objects.items():
+                if before[key] is None:
+                    if key not in run.unchecked:
+                        run.unchecked.append(key)
+                elif _digest(value) != before[key]:
+                    run.mutated_arguments.append((index, key))
+            watched.after(index)
     return run
 
 
@@ -406,10 +408,6 @@ def _copy_or_same(value: Any) -> Any:
 
 
 # --- the process-global random generators ---
-
-
-def _random_fingerprints() -> dict[str, bytes]:
-    return {_SOURCES[generator]: pickle.dumps(state) for generator, state in global_states().items()}
 
 
 _SOURCES = {"random": "Python's random", "numpy": "numpy.random"}
