@@ -321,3 +321,13 @@ def test_an_iteration_that_seeds_the_global_generators_itself_is_not_global_rand
     report = parallel_loop(reseeds_itself).verify(range(4))
     assert not report.mismatches
     assert report.ok
+
+
+def draws_own_generator(x: int) -> float:
+    return float(np.random.default_rng().normal())
+
+
+def test_with_seed_a_generator_the_iteration_makes_itself_is_named_as_the_likely_cause() -> None:
+    report = parallel_loop(draws_own_generator).options(workers=2, seed=1).verify(range(4))
+    assert report.mismatches
+    assert "a generator it makes itself (np.random.default_rng()) or one held elsewhere" in str(report)

@@ -71,6 +71,7 @@ class VerifyReport:
     unchecked: list[str] = field(default_factory=list)
     """What could not be checked for changes, because it could not be pickled."""
     random_sources: tuple[str, ...] = ()
+    seed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -105,8 +106,17 @@ class VerifyReport:
             lines += [f"  {self._mismatch(mismatch)}" for mismatch in self.mismatches[:_SHOWN]]
             if len(self.mismatches) > _SHOWN:
                 lines.append(f"  ... and {len(self.mismatches) - _SHOWN} more.")
+        if self.mismatches and self.seed is not None:
+            lines.append(
+                "With seed=, an iteration's numbers follow (seed, index) when it draws from autopar.rng() or "
+                "the functions of random and numpy.random; a generator it makes itself "
+                "(np.random.default_rng()) or one held elsewhere (scipy.stats' default) does not."
+            )
         if self.unchecked:
-            lines.append(f"Not checked for changes, because they could not be pickled: {', '.join(self.unchecked)}.")
+            lines.append(
+                f"Not checked for changes, because they could not be pickled (nor copied, so both runs used "
+                f"them as they are): {', '.join(self.unchecked)}."
+            )
         return "\n".join(lines)
 
     def _mismatch(self, mismatch: Mismatch) -> str:
@@ -221,6 +231,7 @@ def verify(
         bool(serial.random_sources),
         sorted(set(serial.unchecked) | set(watched.unchecked)),
         tuple(sorted(serial.random_sources)),
+        options.seed,
     )
 
 
@@ -337,7 +348,11 @@ class _Globals:
         self._first: dict[str, int] = {}
 
     def before(self, index: int) -> None:
-        self._before = {name: self._look(name) for name in self.names}
+        """Before iteration ``index``: what each global still unchanged is (the look after the
+        last iteration serves, unchanged: one pickle per global and iteration, for large ones)."""
+        for name in self.names:
+            if name not in self._first and name not in self._before:
+                self._before[name] = self._look(name)
 
     def after(self, index: int) -> None:
         for name in self.names:
