@@ -40,6 +40,8 @@ ORDER = [
     "_progress",
     # what runs in the workers
     "_worker",
+    "_capture",
+    "_logs",
     "_random",
     "_shared",
     "_slots",

@@ -54,7 +54,7 @@ def test_replay_returns_the_value_or_raises_live(backend: dict[str, Any]) -> Non
     assert frames[-1].name == "fragile"  # a real traceback, down to where it raised
     assert frames[-1].filename == __file__
     # With other arguments the same function returns: replay uses this iteration's own.
-    moved = Failure(failure.index, (1,), {}, failure.exception, "", 1, failure._rerun)
+    moved = Failure(failure.index, (1,), {}, failure.exception, "", 1, _rerun=failure._rerun)
     assert moved.replay() == 2
 
 

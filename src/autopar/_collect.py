@@ -14,6 +14,7 @@ from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from autopar._calls import own_keywords
+from autopar._capture import Echo
 from autopar._debugger import debug_failure
 from autopar._engine import Dispatcher
 from autopar._errors import (
@@ -26,10 +27,10 @@ from autopar._errors import (
 from autopar._hazards import warn_if_writes_lost
 from autopar._plan import Loop
 from autopar._progress import progress_bar
-from autopar._records import Batch, Call, Failed
+from autopar._records import Batch, Call, Failed, IterationOutput
 from autopar._results import Failure, LoopResult, LoopStats, describe_call
 
-__all__ = ["LoopIterator", "run_imap", "run_map"]
+__all__ = ["LoopIterator", "run_as_completed", "run_imap", "run_map"]
 
 R = TypeVar("R", covariant=True)  # read-only, like LoopResult
 _MISSING: Any = object()
@@ -79,8 +80,11 @@ class _Runs:
 class _Collector:
     """Gathers one loop's outcomes by index, turning failures into `Failure` records."""
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, loop: Loop, in_order: bool = True) -> None:
+        """``in_order``: results are kept until taken in input order (``map``, ``imap``);
+        otherwise each batch's are handed out at once (``as_completed``)."""
         self.dispatcher = dispatcher = Dispatcher(loop)
+        self.in_order = in_order
         self.name = loop.name
         self.values = _Runs()
         self.iterations = 0
@@ -91,18 +95,23 @@ class _Collector:
         self.ended: float | None = None
         self.remote = not dispatcher.in_process
         self.progress = progress_bar(loop.options.progress, loop.total, loop.name)
+        self.echo = Echo(self.progress.write, in_order)
+        """What iterations wrote and logged, written here as results are collected."""
 
     def add(self, batch: Batch) -> list[Failure]:
         """Store a batch; return its failures (already recorded in ``self.failures``)."""
-        self.values.put(batch.indices, batch.values)
+        if self.in_order:
+            self.values.put(batch.indices, batch.values)
         self.iterations += len(batch.indices)
         self.busy_time += batch.seconds
-        failed = [self._failure(call, failure) for call, failure in batch.failures]
+        outputs = batch.outputs or {}
+        failed = [self._failure(call, failure, outputs.get(call[0])) for call, failure in batch.failures]
         self.failures.extend(failed)
+        self.echo.add(batch.indices, batch.outputs)
         self.progress.update(len(batch.indices))
         return failed
 
-    def _failure(self, call: Call, failed: Failed) -> Failure:
+    def _failure(self, call: Call, failed: Failed, output: IterationOutput | None) -> Failure:
         index, args = call
         exc = failed.exception
         seen = self._noted.get(id(exc))
@@ -121,16 +130,20 @@ class _Collector:
         add_iteration_note(exc, note)
         if self.remote and failed.traceback:
             set_attribute(exc, "__cause__", RemoteTraceback(failed.traceback))
-        failure = Failure(index, args, kwargs, exc, failed.traceback, failed.attempts, loop.rerun)
+        output = output or IterationOutput()
+        failure = Failure(
+            index, args, kwargs, exc, failed.traceback, failed.attempts, output.stdout, output.stderr, loop.rerun
+        )
         set_attribute(exc, "failure", failure)
         return failure
 
     def result(self) -> LoopResult[Any]:
         """Everything collected so far; indices that never ran are listed as ``missing``.
-        Results ``imap`` already handed out are not kept: ``None`` there, but not missing."""
+        Results ``imap`` or ``as_completed`` already handed out are not kept: ``None`` there,
+        but not missing (``as_completed`` lists none missing: it keeps nothing)."""
         values, missing = self.values.to_list(max(self.dispatcher.counters.consumed, self.values.end()))
         delivered = self.dispatcher.delivered or 0
-        missing = [index for index in missing if index >= delivered]
+        missing = [index for index in missing if index >= delivered] if self.in_order else []
         failures = sorted(self.failures, key=lambda failure: failure.index)
         return LoopResult(values, failures, self.stats(), missing, self.dispatcher.loop.rerun)
 
@@ -209,17 +222,18 @@ def run_map(loop: Loop, *, warn_lost_writes: bool = True) -> LoopResult[Any]:
 
 
 class LoopIterator(Iterator[R], Generic[R]):
-    """The lazy, in-order iterator that ``f.imap(...)`` returns.
+    """The lazy iterator that ``f.imap(...)`` (results in input order) and
+    ``f.as_completed(...)`` (``(index, value)`` pairs as iterations finish) return.
 
     Under ``on_error="collect"`` a failed iteration yields ``None``; `failures` lists the
     failures met so far and `stats` describes the loop so far.
     """
 
-    def __init__(self, collector: _Collector, on_error: str) -> None:
+    def __init__(self, collector: _Collector, generator: Generator[Any, None, Failure | None]) -> None:
         self._collector = collector
         # The generator must not refer back to this iterator: dropping the iterator (a `break`
         # out of a for loop) then finalizes the generator at once, which stops the loop.
-        self._generator = _in_order(collector, on_error)
+        self._generator = generator
 
     @property
     def failures(self) -> list[Failure]:
@@ -281,6 +295,38 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Fail
     return None
 
 
+def _completion_order(collector: _Collector, on_error: str) -> Generator[Any, None, Failure | None]:
+    """``(index, value)`` as iterations finish; under "raise", returns the first failure."""
+    dispatcher = collector.dispatcher
+    dispatcher.delivered_up_to(0)
+    batches = dispatcher.batches()
+    delivered = 0
+    try:
+        for batch in batches:
+            failed = {failure.index: failure for failure in collector.add(batch)}
+            for index, value in zip(batch.indices, batch.values, strict=True):
+                if index in failed and on_error != "collect":
+                    batches.close()
+                    return failed[index]
+                yield index, value
+                delivered += 1
+                dispatcher.delivered_up_to(delivered)  # read ahead only so far: memory stays flat
+    except KeyboardInterrupt as exc:
+        collector.interrupted(exc)
+        raise
+    finally:
+        batches.close()
+        collector.close()
+    return None
+
+
 def run_imap(loop: Loop) -> LoopIterator[Any]:
     """A lazy iterator of results in input order; the input is consumed as workers free up."""
-    return LoopIterator(_Collector(loop), loop.options.on_error)
+    collector = _Collector(loop)
+    return LoopIterator(collector, _in_order(collector, loop.options.on_error))
+
+
+def run_as_completed(loop: Loop) -> LoopIterator[tuple[int, Any]]:
+    """A lazy iterator of ``(index, value)`` pairs, in the order iterations finish."""
+    collector = _Collector(loop, in_order=False)
+    return LoopIterator(collector, _completion_order(collector, loop.options.on_error))

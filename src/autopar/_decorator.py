@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 import wrapt
 
 from autopar._calls import Calls, split_keywords, star_calls, take, zip_calls
-from autopar._collect import LoopIterator, run_imap, run_map
+from autopar._collect import LoopIterator, run_as_completed, run_imap, run_map
 from autopar._errors import UnsafeLoopError
 from autopar._options import OPTION_NAMES, LoopOptions, Options, resolve, validate
 from autopar._plan import Loop
@@ -125,6 +125,13 @@ class _LoopMethods(Generic[P, R]):
         up, so memory stays bounded for huge or endless iterables."""
         per_iteration, broadcast = split_keywords(kwargs)
         return run_imap(self._loop(zip_calls("imap", iterables, per_iteration), broadcast))
+
+    def as_completed(self, *iterables: Iterable[Any], **kwargs: Any) -> LoopIterator[tuple[int, R]]:
+        """A lazy iterator of ``(index, value)`` pairs in the order iterations finish (as
+        ``concurrent.futures.as_completed``, with the index that says which input it was);
+        memory stays bounded, as with `imap`."""
+        per_iteration, broadcast = split_keywords(kwargs)
+        return run_as_completed(self._loop(zip_calls("as_completed", iterables, per_iteration), broadcast))
 
     def verify(self, *iterables: Iterable[Any], sample: int | None = 32, **kwargs: Any) -> VerifyReport:
         """Run the first ``sample`` iterations (None: all) serially in this process, as the

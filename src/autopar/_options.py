@@ -44,6 +44,8 @@ class Options:
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
     seed: int | None = None
+    capture_output: bool = False
+    forward_logging: bool = True
 
     def merge(self, changes: Mapping[str, Any]) -> Options:
         """A copy with ``changes`` applied, each one validated."""
@@ -71,6 +73,8 @@ class LoopOptions(TypedDict, total=False):
     initargs: tuple[Any, ...] | list[Any]
     max_tasks_per_worker: SupportsIndex | None
     seed: SupportsIndex | None
+    capture_output: bool
+    forward_logging: bool
 
 
 def validate(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -275,4 +279,6 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
     "initargs": _check_initargs,
     "max_tasks_per_worker": _positive_int_or_none,
     "seed": _check_seed,
+    "capture_output": _check_bool,
+    "forward_logging": _check_bool,
 }

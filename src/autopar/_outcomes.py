@@ -19,7 +19,7 @@ from autopar._backends import Backend
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, NotCachedHere, WorkerCrashed, fresh_copy
 from autopar._plan import LoopCounters
-from autopar._records import Batch, Call, Calls, ChunkResult, Failed
+from autopar._records import Batch, Call, Calls, ChunkResult, Failed, IterationOutput
 from autopar._recovery import Recovery
 from autopar._sending import PartsByKey
 from autopar._serialize import decode_error, decode_values
@@ -102,16 +102,27 @@ class Outcomes:
             self.counters.pickle_seconds += time.perf_counter() - started
         # Big results bound the chunk too: the worker, the pipe and an imap buffer hold them.
         self.sizer.record(len(calls), result.seconds, nbytes + received)
-        return self.settle(calls, values, failed, result.seconds)
+        outputs = None
+        if result.outputs:  # by input index (-1, the worker's initializer, stays -1)
+            outputs = {calls.index_of(p) if p >= 0 else p: output for p, output in result.outputs.items()}
+        return self.settle(calls, values, failed, result.seconds, outputs)
 
     def fail(self, calls: Calls, exc: BaseException, tb_text: str) -> Batch:
         """Every call fails with ``exc`` (each with its own copy, for its own notes)."""
         failed = {position: Failed(index, fresh_copy(exc), tb_text) for position, (index, _) in enumerate(calls)}
         return self.settle(calls, None, failed, 0.0)
 
-    def settle(self, calls: Calls, values: list[Any] | None, failed: dict[int, Failed], seconds: float) -> Batch:
+    def settle(
+        self,
+        calls: Calls,
+        values: list[Any] | None,
+        failed: dict[int, Failed],
+        seconds: float,
+        outputs: dict[int, IterationOutput] | None = None,
+    ) -> Batch:
         """Send failed iterations with retries left back to the line; batch up the rest.
-        ``failed``: by position in ``calls``; ``values``: None when none came back."""
+        ``failed``: by position in ``calls``; ``values``: None when none came back;
+        ``outputs``: by input index, what iterations wrote and logged."""
         indices = calls.index_list()
         if values is None:
             values = [None] * len(calls)
@@ -121,7 +132,7 @@ class Outcomes:
                 self._attempts.pop(index, None)
             self.recovery.settled(settled)
         if not failed:
-            return Batch(indices, values, [], seconds)
+            return Batch(indices, values, [], seconds, outputs)
         final: list[tuple[Call, Failed]] = []
         retried: set[int] = set()
         for position, failure in failed.items():
@@ -136,4 +147,6 @@ class Outcomes:
         if retried:
             kept = [position for position in range(len(calls)) if position not in retried]
             indices, values = [indices[p] for p in kept], [values[p] for p in kept]
-        return Batch(indices, values, final, seconds)
+            if outputs:  # what a try that will be retried wrote is not the iteration's
+                outputs = {index: output for index, output in outputs.items() if index in set(indices) or index < 0}
+        return Batch(indices, values, final, seconds, outputs)

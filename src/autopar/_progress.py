@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 __all__ = ["ProgressBar", "progress_bar"]
 
@@ -11,6 +11,8 @@ __all__ = ["ProgressBar", "progress_bar"]
 class ProgressBar(Protocol):
     def update(self, n: int) -> Any: ...
     def close(self) -> Any: ...
+    def write(self, text: str, stream: TextIO) -> None:
+        """Write text an iteration printed, without tearing the bar."""
 
 
 class _NoProgress:
@@ -19,6 +21,25 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+    def write(self, text: str, stream: TextIO) -> None:
+        stream.write(text)
+
+
+class _Bar:
+    """A tqdm bar; text goes above it, through ``tqdm.write``."""
+
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def write(self, text: str, stream: TextIO) -> None:
+        self._bar.write(text, file=stream, end="")
 
 
 def progress_bar(enabled: bool, total: int | None, name: str) -> ProgressBar:
@@ -36,5 +57,4 @@ def progress_bar(enabled: bool, total: int | None, name: str) -> ProgressBar:
         )
         warnings.warn(f"progress=True {why}; running without a bar", stacklevel=5)
         return _NoProgress()
-    bar: ProgressBar = tqdm(total=total, desc=name, unit="it")
-    return bar
+    return _Bar(tqdm(total=total, desc=name, unit="it"))

@@ -9,7 +9,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias, overload
 
-__all__ = ["BY_KEY", "Batch", "Call", "Calls", "Chunk", "ChunkResult", "Failed", "Payload", "WireError"]
+__all__ = [
+    "BY_KEY",
+    "Batch",
+    "Call",
+    "Calls",
+    "Chunk",
+    "ChunkResult",
+    "Failed",
+    "IterationOutput",
+    "Payload",
+    "Settings",
+    "WireError",
+]
 
 Call: TypeAlias = tuple[int, tuple[Any, ...]]
 """One iteration's call: its index in the input and its positional arguments."""
@@ -96,6 +108,36 @@ BY_KEY = Payload(b"")
 by key (a real payload is never empty: a pickle has bytes, or lies in a segment)."""
 
 
+class Settings(NamedTuple):
+    """How a worker runs each call of a loop: the same for every chunk of it."""
+
+    timeout: float | None = None
+    seed: int | None = None
+    """The loop's ``seed=``: each iteration's random streams derive from it and its index."""
+    keywords: tuple[str, ...] = ()
+    """The last ``len(keywords)`` arguments of each call go by these keyword names (`each`)."""
+    own_process: bool = False
+    """The worker runs one chunk at a time in its process (autopar's pools, a user's
+    `ProcessPoolExecutor`): it may seed the process-global random generators, and take over
+    the process's streams and logging for the chunk."""
+    capture_output: bool = False
+    """Capture what each iteration writes to ``sys.stdout`` and ``sys.stderr``."""
+    log_levels: tuple[int, tuple[tuple[str, int], ...]] | None = None
+    """``forward_logging``: the parent's ``logging.disable`` level and the levels its loggers
+    were given (root as ""), for the worker to create the records the parent would handle;
+    None: records stay in the worker."""
+
+
+class IterationOutput(NamedTuple):
+    """What one iteration wrote and logged in its worker, to be written and handled in the
+    parent (``capture_output=``, ``forward_logging=``)."""
+
+    stdout: str = ""
+    stderr: str = ""
+    records: tuple[Any, ...] = ()
+    """`logging.LogRecord`s, made picklable (message formatted, ``exc_info`` as text)."""
+
+
 class Chunk(NamedTuple):
     """One chunk of iterations, as sent to a worker.
 
@@ -115,16 +157,9 @@ class Chunk(NamedTuple):
     broadcast_key: str
     broadcast: Payload
     calls: Payload
-    timeout: float | None = None
+    settings: Settings
     loop_token: int = 0
     """A small number naming the loop, for workers to skip the chunks of a stopped loop."""
-    seed: int | None = None
-    """The loop's ``seed=``: each iteration's random streams derive from it and its index."""
-    keywords: tuple[str, ...] = ()
-    """The last ``len(keywords)`` arguments of each call go by these keyword names (`each`)."""
-    one_at_a_time: bool = False
-    """The worker runs one chunk at a time in its process (a user's `ProcessPoolExecutor`),
-    so that a seeded chunk may seed the process-global generators, as autopar's workers do."""
 
 
 class WireError(NamedTuple):
@@ -165,6 +200,9 @@ class ChunkResult(NamedTuple):
     """The worker process that ran it (out of process): which workers hold what was sent by key."""
     setup_failed: bool = False
     """The worker's initializer failed: nothing ran, and its pool must not serve later loops."""
+    outputs: dict[int, IterationOutput] | None = None
+    """By position: what iterations wrote and logged, when captured (none when nothing was).
+    Position -1: what the worker's initializer logged, sent with its first chunk."""
 
 
 @dataclass(slots=True)
@@ -176,6 +214,8 @@ class Batch:
     values: list[Any]
     failures: list[tuple[Call, Failed]]
     seconds: float
+    outputs: dict[int, IterationOutput] | None = None
+    """By input index: what iterations wrote and logged, when captured (-1: an initializer)."""
 
     @classmethod
     def empty(cls) -> Batch:
@@ -183,9 +223,11 @@ class Batch:
         return cls([], [], [], 0.0)
 
     def joined(self, other: Batch) -> Batch:
+        outputs = {**(self.outputs or {}), **(other.outputs or {})} or None
         return Batch(
             [*self.indices, *other.indices],
             self.values + other.values,
             self.failures + other.failures,
             self.seconds + other.seconds,
+            outputs,
         )

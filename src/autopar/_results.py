@@ -74,6 +74,10 @@ class Failure:
     """The traceback as the worker saw it, as text."""
     attempts: int = 1
     """How many times the iteration was tried, retries included."""
+    stdout: str = ""
+    """What the iteration wrote to ``sys.stdout`` (with ``capture_output=True``; else "")."""
+    stderr: str = ""
+    """What the iteration wrote to ``sys.stderr`` (with ``capture_output=True``; else "")."""
     _rerun: Rerunner | None = field(default=None, repr=False, compare=False)
 
     def replay(self, debug: bool = False) -> Any:

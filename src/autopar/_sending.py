@@ -27,8 +27,9 @@ from typing import Any
 from autopar._backends import Backend
 from autopar._culprit import pickling_error, unpicklable_error
 from autopar._errors import SerializationError
+from autopar._logs import parent_levels
 from autopar._plan import Loop, LoopCounters
-from autopar._records import BY_KEY, Calls, Chunk, Failed, Payload
+from autopar._records import BY_KEY, Calls, Chunk, Failed, Payload, Settings
 from autopar._serialize import digest, split_unpicklable
 from autopar._shared import SHARE_ABOVE, pack, release
 from autopar._worker import run_calls, run_chunk
@@ -62,6 +63,16 @@ class Packer:
         self._counters = counters
         self._loop_id = uuid.uuid4().hex
         self._wire: tuple[str, Payload, str, Payload] | None = None
+        options = loop.options
+        self.settings = Settings(
+            options.timeout,
+            options.seed,
+            loop.keywords,
+            isinstance(options.backend, ProcessPoolExecutor),  # one chunk at a time per process
+            options.capture_output,
+            parent_levels() if options.forward_logging else None,
+        )
+        """How the workers run each call: the same for every chunk."""
         self._loop_segments: set[SharedMemory] = set()  # the function and broadcast arguments
         self._chunk_segments: set[SharedMemory] = set()
 
@@ -70,17 +81,7 @@ class Packer:
         loop, options = self.loop, self.loop.options
         if backend.in_process:
             serial = options.backend == "serial"
-            call = (
-                run_calls,
-                loop.function,
-                calls,
-                loop.broadcast,
-                options.timeout,
-                options.seed,
-                loop.keywords,
-                serial,
-            )
-            return Packed(call, calls, None)
+            return Packed((run_calls, loop.function, calls, loop.broadcast, self.settings, serial), calls, None)
         # The function and keyword arguments first: if they cannot be pickled, no chunk ever
         # can, and no segment of this chunk is left behind.
         function_key, function, broadcast_key, broadcast = self._wire_parts(backend)
@@ -110,11 +111,8 @@ class Packer:
             broadcast_key,
             broadcast,
             payload,
-            options.timeout,
+            self.settings,
             self.token,
-            options.seed,
-            loop.keywords,
-            isinstance(options.backend, ProcessPoolExecutor),
         )
         return Packed((run_chunk, task), calls, refused, segment, nbytes, sent_as)
 

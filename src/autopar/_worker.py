@@ -9,6 +9,7 @@ no pickling and keep the live exception and its traceback.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import os
 import select
@@ -17,12 +18,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from autopar._capture import Observer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
 from autopar._random import fresh_worker_streams, seeded_chunk
-from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload, WireError
+from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload, Settings, WireError
 from autopar._serialize import (
     describe,
     encode_error,
@@ -274,16 +276,22 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
             ) from exc  # a subclass, which the engine answers by resending call by call
         _local.shipped = getattr(_local, "shipped", 0) + 1
+        settings = chunk.settings
+        own_process = _is_worker_process or settings.own_process
         try:
-            with seeded_chunk(chunk.seed, global_generators=_is_worker_process or chunk.one_at_a_time) as begin:
-                target = _call_target(function, broadcast, chunk.keywords)
-                values, errors, seconds = _run(target, calls, chunk.timeout, slots, begin)
+            with (
+                seeded_chunk(settings.seed, global_generators=own_process) as begin,
+                _observed(settings, own_process) as observer,
+            ):
+                target = _call_target(function, broadcast, settings.keywords)
+                values, errors, seconds = _run(target, calls, settings.timeout, slots, begin, observer)
         finally:
             _local.shipped -= 1
         if slots is not None:
             slots.running(chunk.chunk_id, SENDING_RESULTS)
         wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
-        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds, _identity)
+        outputs = observer.outputs() if observer is not None else None
+        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds, _identity, outputs=outputs)
     finally:
         if slots is not None:
             slots.idle()
@@ -300,13 +308,7 @@ def initialize_thread(initializer: Callable[..., Any], initargs: tuple[Any, ...]
 
 
 def run_calls(
-    function: Callable[..., Any],
-    calls: Calls,
-    broadcast: dict[str, Any],
-    timeout: float | None,
-    seed: int | None = None,
-    keywords: tuple[str, ...] = (),
-    serial: bool = False,
+    function: Callable[..., Any], calls: Calls, broadcast: dict[str, Any], settings: Settings, serial: bool = False
 ) -> ChunkResult:
     """Run a chunk in this process, keeping live values and exceptions. ``serial``: no other
     iteration runs meanwhile, so the process's global random generators may be seeded."""
@@ -314,10 +316,22 @@ def run_calls(
     if setup_failed is not None:  # this thread's initializer failed: none runs
         failing = {position: Failed(index, *setup_failed) for position, (index, _) in enumerate(calls)}
         return ChunkResult([None] * len(calls), failing, 0.0, setup_failed=True)
-    with seeded_chunk(seed, global_generators=serial) as begin:
-        values, errors, seconds = _run(_call_target(function, broadcast, keywords), calls, timeout, None, begin)
+    target = _call_target(function, broadcast, settings.keywords)
+    with seeded_chunk(settings.seed, global_generators=serial) as begin, _observed(settings, False) as observer:
+        values, errors, seconds = _run(target, calls, settings.timeout, None, begin, observer)
     failed = {position: Failed(calls.index_of(position), exc, tb_text) for position, (exc, tb_text) in errors.items()}
-    return ChunkResult(values, failed, seconds)
+    outputs = observer.outputs() if observer is not None else None
+    return ChunkResult(values, failed, seconds, outputs=outputs)
+
+
+@contextlib.contextmanager
+def _observed(settings: Settings, own_process: bool) -> Iterator[Observer | None]:
+    """The chunk's `Observer`, when its output or logs are to be captured."""
+    if not settings.capture_output and (settings.log_levels is None or not own_process):
+        yield None  # in this process, log records go to its loggers as they are emitted
+        return
+    with Observer(settings, own_process) as observer:
+        yield observer
 
 
 def _call_target(function: Callable[..., Any], broadcast: dict[str, Any], keywords: tuple[str, ...]) -> Any:
@@ -340,6 +354,7 @@ def _run(
     timeout: float | None,
     slots: WorkerSlots | None,
     begin: Callable[[int], None] | None,
+    observer: Observer | None = None,
 ) -> tuple[list[Any], dict[int, tuple[BaseException, str]], float]:
     """Run each call in its own ``try``, telling ``slots`` which one runs (and since when,
     for timeouts), and ``begin`` (seeded loops) which iteration starts. An iteration that
@@ -361,6 +376,8 @@ def _run(
                 view[at] = position
             if begin is not None:
                 begin(calls.index_of(position))
+            if observer is not None:
+                observer.begin(position, calls.index_of(position))
             try:
                 values.append(target(args) if single else target(*args))
             except KeyboardInterrupt as exc:
@@ -371,6 +388,8 @@ def _run(
             except BaseException as exc:  # SystemExit, asyncio.CancelledError...: still one iteration's
                 values.append(None)
                 errors[position] = (exc, format_worker_traceback(exc))
+            if observer is not None:
+                observer.end(position)
             if timeout is not None:
                 now = time.perf_counter()
                 if now - previous > timeout and position not in errors:
