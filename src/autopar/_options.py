@@ -3,7 +3,7 @@
 Precedence, lowest first: the defaults, the decorator, ``.options()``, then the environment.
 ``AUTOPAR_BACKEND`` overrides every backend (so ``AUTOPAR_BACKEND=serial`` puts any program
 under a debugger); ``AUTOPAR_WORKERS`` replaces only the default worker count. A loop started
-inside a worker runs serially there.
+inside a worker runs serially there, and a loop inside an iteration draws no progress bar.
 """
 
 from __future__ import annotations
@@ -113,6 +113,11 @@ def resolve(options: Options) -> Options:
     elif options.backend == "process" and multiprocessing.current_process().daemon:
         # A daemonic process (a multiprocessing.Pool worker) may not start processes.
         options = replace(options, backend="serial")
+    if options.progress and (in_worker_process() or in_iteration()):
+        # Only the outermost loop draws a bar. A nested loop's would be drawn by a worker (on
+        # its own stderr, or as text its capture hands back), or by each of the outer loop's
+        # threads at once: bars jumping over each other, and over the outer loop's.
+        options = replace(options, progress=False)
     if options.workers is None:
         capacity = executor_capacity(options.backend) if isinstance(options.backend, Executor) else None
         options = replace(options, workers=capacity or _default_workers())
