@@ -177,7 +177,7 @@ class Dispatcher:
         # landing on the way to the chunk's bookkeeping leaves none to no one).
         self._loop_segments: set[SharedMemory] = set()  # the function and broadcast arguments
         self._chunk_segments: set[SharedMemory] = set()
-        self._failed_setup: dict[int, Executor] = {}  # our pools whose initializer failed
+        self._failed_setup: dict[int, Backend] = {}  # our pools whose initializer failed
         self.chunksize = 0
         self.consumed = 0
         self.delivered: int | None = None  # set by an in-order consumer (imap): results it took
@@ -248,8 +248,8 @@ class Dispatcher:
                 self._release(segment, reuse=False)
             for segment in list(self._loop_segments):
                 release(segment, reuse=not in_flight, owner=self._loop_segments)
-            for executor in self._failed_setup.values():
-                retire(executor)  # the next loop starts new workers, whose initializer may work
+            for backend in self._failed_setup.values():
+                retire(backend)  # the next loop starts new workers, whose initializer may work
 
     def pools_in_use(self) -> set[int]:
         """Our pools this loop runs on now (by id), read at exit from the main thread: none
@@ -277,7 +277,7 @@ class Dispatcher:
         """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
         backend = self._backend
         if backend is not None and backend.owned:
-            discard(backend.executor, kill=True)
+            discard(backend, kill=True)
             post_mortem(backend)  # the report for other loops on it: stopped workers, no crash
 
     # --- sending ---
@@ -538,7 +538,7 @@ class Dispatcher:
         if self._by_key is not None:
             self._by_key.ran_on(result.worker)
         if result.setup_failed and entry.backend.owned:
-            self._failed_setup[id(entry.backend.executor)] = entry.backend.executor
+            self._failed_setup[id(entry.backend.executor)] = entry.backend
         self._fruitless_breaks = 0
         received = 0
         if self.in_process:
