@@ -3,27 +3,29 @@
 ``"process"`` and ``"thread"`` pools live in a locked cache keyed by their configuration, so a
 second loop with the same configuration reuses warm workers; each is a `Pool` record, which
 the engine reaches through its `Backend`. They are closed by `shutdown` and at interpreter
-exit (the ``atexit`` hook is registered when the first pool is made, so importing autopar has
-no effect). An executor the user passes in is used as it is and never shut down by autopar.
+exit (`_exit` installs the hooks when the first pool is made, so importing autopar has no
+effect). An executor the user passes in is used as it is and never shut down by autopar.
+
+Imports, one way: `_engine` imports this module; this module imports `_pool` (the record of
+each pool, and the verbs of its end) and `_exit` (what the process's exit does to the pools,
+which `_exit.install` hands it as functions: `_exit` does not import this module).
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import multiprocessing
-import multiprocessing.util
 import os
 import threading
-import traceback
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from autopar import _shared
+from autopar import _exit, _shared
 from autopar._cpus import usable_cpu_count
+from autopar._exit import loop_ended, loop_started
 from autopar._main_guard import naming_workers, refuse_while_importing_main
 from autopar._options import Options
 from autopar._pool import Pool, PostMortem
@@ -265,7 +267,7 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Pool]) -> Pool:
                 raise RuntimeError(SHUTTING_DOWN)  # before a pool is started, that nothing would close
             pool = make()
             _made.add(pool)
-            _install_exit_hooks()
+            _exit.install(shutdown, _every_pool)
         made_meanwhile = _warm.pop(key, None)  # by a loop in a __del__ that make() set off
         _warm[key] = pool  # last: the most recently used
         evicted = [_warm.pop(old) for old in list(_warm)[:-MAX_WARM_POOLS]]
@@ -279,12 +281,9 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Pool]) -> Pool:
 def _forget_if_forked() -> None:
     """In a child forked since the pools were made (under ``_lock``): they are the parent's,
     not to be used, closed or waited for."""
-    global _pid
-    if _pid != os.getpid():
+    if _exit.forked():
         _warm.clear()
         _made.clear()
-        _live_loops.clear()
-        _pid = os.getpid()
 
 
 def _every_pool() -> list[Pool]:
@@ -298,84 +297,6 @@ def _uncache(pool: Pool) -> None:
         for key, cached in list(_warm.items()):
             if cached is pool:
                 del _warm[key]
-
-
-_pid = os.getpid()
-"""The process whose pools and loops these are: a forked child's exit leaves them alone."""
-_hooks_installed = False  # inherited by a forked child, as the hooks are
-_finalizer_pid = 0  # multiprocessing clears its finalizers in each child it starts
-
-
-class _Loop(Protocol):
-    def pools_in_use(self) -> set[int]: ...
-
-    def give_up(self) -> dict[int, list[int]]: ...
-
-
-_live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
-_live_loops_lock = threading.Lock()
-
-
-def loop_started(loop: _Loop) -> None:
-    """A loop runs: at exit, the pools it uses are left alone (stopping a worker breaks the
-    whole pool, and the loop could not resend its chunks once the interpreter shuts down)."""
-    with _live_loops_lock:
-        _live_loops.add(loop)
-
-
-def loop_ended(loop: _Loop) -> None:
-    """The loop is over: at exit, what it left running on its pools may be stopped."""
-    with _live_loops_lock:
-        _live_loops.discard(loop)
-
-
-def _install_exit_hooks() -> None:
-    """When a pool is made (so that importing autopar has no effect): at exit, stop the
-    workers running abandoned chunks, then close the pools."""
-    global _hooks_installed, _finalizer_pid
-    if not _hooks_installed:
-        atexit.register(shutdown)
-        # Runs before concurrent.futures' own hook (registered earlier, run later), which
-        # waits for running work items. A private API, which that module uses.
-        getattr(threading, "_register_atexit", lambda hook: None)(_stop_abandoned)
-        _hooks_installed = True
-    if multiprocessing.parent_process() is not None and _finalizer_pid != os.getpid():
-        # A multiprocessing child (an ``mp.Process``, a joblib/loky worker) ends without atexit
-        # hooks, after joining its child processes, which would wait forever for our idle
-        # workers. This finalizer runs before that join, and before the finalizers of its
-        # queues (priority 10), whose feeder threads carry the pools' stop messages.
-        multiprocessing.util.Finalize(None, _close_at_child_exit, exitpriority=100)
-        _finalizer_pid = os.getpid()
-
-
-def _stop_abandoned() -> None:
-    """At interpreter exit, before concurrent.futures waits for the workers: stop those
-    still running an abandoned chunk, or the exit would wait for it to end (an iteration a
-    raised failure or Ctrl-C left behind can take minutes). Pools that loops of other
-    threads still use are left alone."""
-    if os.getpid() != _pid:
-        return  # a forked child's exit: the pools are its parent's
-    try:
-        with _live_loops_lock:
-            loops = list(_live_loops)
-        in_use = [loop.pools_in_use() for loop in loops]
-        busy = set().union(*in_use)
-        # Loops name their pools by the id of the executor, as loop.give_up() does.
-        idle = {id(pool.executor): pool for pool in _every_pool() if id(pool.executor) not in busy}
-        given_up: dict[int, list[int]] = {}
-        for loop, used in zip(loops, in_use, strict=True):
-            if not used:  # none can go on with it (an imap the main thread left unfinished)
-                for key, chunk_ids in loop.give_up().items():
-                    given_up.setdefault(key, []).extend(chunk_ids)
-        for key, pool in idle.items():
-            pool.stop_abandoned(given_up.get(key, ()))
-    except Exception:  # an error here would stop the interpreter from joining its threads
-        traceback.print_exc()
-
-
-def _close_at_child_exit() -> None:
-    _stop_abandoned()  # as at the exit of a main process: not waited for
-    shutdown()
 
 
 # The engine's verbs for a backend's end: autopar's own pool leaves the cache first, so that

@@ -8,8 +8,8 @@ exactly once), `Pool.retire` (closed in the background), `Pool.post_mortem` (mad
 every loop), `Pool.abandon`, `Pool.stop_worker` and, at interpreter exit,
 `Pool.stop_abandoned`.
 
-Imports: of autopar's modules only `_slots`. `_backends`, which caches pools, imports this
-module; it knows nothing of the cache.
+Imports: of autopar's modules only `_slots`. `_backends` (which caches pools) and `_exit`
+(which stops their workers at exit) import this module; it knows neither of them.
 """
 
 from __future__ import annotations
