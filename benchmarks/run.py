@@ -315,9 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated loop names: " + ", ".join(suite.LOOPS))
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: smaller loops, fewer repeats")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers for every pool")
-    parser.add_argument(
-        "--no-memory", action="store_true", help="skip the untimed memory run"
-    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the untimed memory run")
     parser.add_argument("--markdown", metavar="PATH", help="also write every table, with a machine header, to PATH")
     args = parser.parse_args(argv)
     if args.repeat is None:

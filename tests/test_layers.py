@@ -28,6 +28,7 @@ ORDER = [
     # the pools
     "_backends",
     "_exit",
+    "_pool",
     "_main_guard",
     # what a loop is
     "_plan",

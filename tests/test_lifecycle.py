@@ -187,7 +187,7 @@ def test_warm_pools_are_bounded_and_the_least_recently_used_is_closed() -> None:
     assert set(tracked.map(range(2))) == first
     new_pools(MAX_WARM_POOLS)
     assert set(tracked.map(range(2))).isdisjoint(first), "the least recently used pool was closed"
-    assert len(_backends._pools) == MAX_WARM_POOLS
+    assert len(_backends._warm) == MAX_WARM_POOLS
 
 
 @pytest.mark.parametrize("warm", [False, True])
@@ -222,21 +222,22 @@ def test_a_loop_started_while_a_pool_is_being_made_does_not_deadlock() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from autopar import _backends
+    from autopar._pool import Pool
 
     key = ("test: made while making", object())
     made: list[ThreadPoolExecutor] = []
 
-    def make_inner() -> ThreadPoolExecutor:
+    def make_inner() -> Pool:
         made.append(ThreadPoolExecutor(1))
-        return made[-1]
+        return Pool(made[-1])
 
-    def make_outer() -> ThreadPoolExecutor:
+    def make_outer() -> Pool:
         _backends._cached(key, make_inner)  # as a __del__'s loop would, in the middle
         return make_inner()
 
     outer = _backends._cached(key, make_outer)
-    assert outer is made[-1] and _backends._pools[key] is outer
-    _backends.retire(outer)
+    assert outer.executor is made[-1] and _backends._warm[key] is outer
+    _backends.retire(_backends.Backend(outer.executor, in_process=True, workers=1, pool=outer))
     made[0].shutdown()
 
 

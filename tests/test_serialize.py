@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from autopar import _serialize
+from autopar import _serialize, parallel_loop
 from autopar._records import Calls
 from autopar._serialize import dumps, loads
 
@@ -72,3 +72,26 @@ def test_reducers_registered_with_copyreg_after_import_are_used() -> None:
         assert loads(dumps([_Handle(7)]))[0].n == 7
     finally:
         del copyreg.dispatch_table[_Handle]
+
+
+def numpy_results(x: int) -> Any:
+    import numpy as np
+
+    return [np.float64(x) * 1.5, np.int32(x), np.arange(3.0) * x, np.array(["a", "b"]), np.bool_(x % 2)][x % 5]
+
+
+def test_numpy_results_travel_as_one_pickle_per_chunk_and_come_back_equal() -> None:
+    import numpy as np
+
+    from autopar._records import Calls
+    from autopar._serialize import encode_values
+
+    values = [numpy_results(x) for x in range(10)]
+    assert isinstance(encode_values(values, Calls(list(range(10))), {}), bytes)  # one pickle
+    objects = [np.array([object()], dtype=object)]
+    assert isinstance(encode_values(objects, Calls([0]), {}), list)  # may hold anything: one by one
+    res = parallel_loop(numpy_results).options(workers=2, chunksize=5).map(range(10))
+    for got, want in zip(res, values, strict=True):
+        assert type(got) is type(want)
+        assert np.array_equal(got, want)
+    assert res.stats.bytes_received < 10 * 117  # not a pickle per np.float64

@@ -1,37 +1,36 @@
 """Turn options into an executor, and keep autopar's own pools warm between calls.
 
 ``"process"`` and ``"thread"`` pools live in a locked cache keyed by their configuration, so a
-second loop with the same configuration reuses warm workers. They are closed by `shutdown`
-and at interpreter exit (the ``atexit`` hook is registered when the first pool is made, so
-importing autopar has no effect). An executor the user passes in is used as it is and never
-shut down by autopar.
+second loop with the same configuration reuses warm workers; each is a `Pool` record, which
+the engine reaches through its `Backend`. They are closed by `shutdown` and at interpreter
+exit (`_exit` installs the hooks when the first pool is made, so importing autopar has no
+effect). An executor the user passes in is used as it is and never shut down by autopar.
+
+Imports, one way: `_engine` imports this module; this module imports `_pool` (the record of
+each pool, and the verbs of its end) and `_exit` (what the process's exit does to the pools,
+which `_exit.install` hands it as functions: `_exit` does not import this module).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import functools
 import multiprocessing
-import multiprocessing.util
 import os
-import signal
 import threading
-import traceback
 import weakref
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
-from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from autopar import _shared
+from autopar import _exit, _shared
 from autopar._cpus import usable_cpu_count
+from autopar._exit import loop_ended, loop_started
 from autopar._main_guard import naming_workers, refuse_while_importing_main
 from autopar._options import Options
+from autopar._pool import Pool, PostMortem
 from autopar._serialize import dumps
-from autopar._slots import Running, WorkerSlots, descendants, process_exists
+from autopar._slots import WorkerSlots
 from autopar._worker import BLAS_THREAD_VARIABLES, initialize_thread, initialize_worker, thread_pool_controller
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "SerialExecutor",
     "acquire",
     "discard",
-    "forget_processes",
     "retire",
     "loop_ended",
     "loop_started",
@@ -75,46 +73,31 @@ class Backend:
 
     ``in_process`` backends share memory with the parent: chunks travel as live objects,
     unpickled. ``local`` process backends run on this machine, so large buffers can travel
-    through shared memory. ``owned`` executors were made by autopar and may be discarded.
+    through shared memory. A ``pool`` is autopar's own: it may be closed, and its workers
+    stopped.
     """
 
     executor: Executor
     in_process: bool
-    owned: bool
     workers: int
     local: bool = False
-    slots: WorkerSlots | None = None
-    """What each worker runs (autopar's process pools only): lets a crash or timeout be blamed
-    on one iteration, and a worker be killed."""
+    pool: Pool | None = None
+    """autopar's own pool (processes or threads); None for the serial backend and the user's executors."""
+
+    @property
+    def owned(self) -> bool:
+        """Whether autopar made this executor, and may close it."""
+        return self.pool is not None
+
+    @property
+    def slots(self) -> WorkerSlots | None:
+        """What each worker runs (autopar's process pools only): lets a crash or timeout be
+        blamed on one iteration, and a worker be killed."""
+        return None if self.pool is None else self.pool.slots
 
     def kill_worker(self, pid: int, grace: float) -> bool:
-        """Stop one worker: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds.
-        False when there was nothing to stop: the worker is gone (its slot may still say it
-        runs), or the pool is broken and its workers are being stopped anyway."""
-        process = _processes_of.get(id(self.executor), {}).get(pid)
-        if process is None or process.exitcode is not None or getattr(self.executor, "_broken", False):
-            return False
-        if not _mark_stopped(id(self.executor), [pid]):
-            return False  # the pool is closed and forgotten already
-        started = descendants([pid])  # by the iteration: they go with it
-        process.terminate()
-        _signal_all(started, signal.SIGTERM)
-
-        def kill_if_still_there() -> None:
-            if process.exitcode is None:  # the pid is not reused before the pool reaps it
-                process.kill()
-            _signal_all([child for child in started if process_exists(child)], signal.SIGKILL)
-
-        timer = threading.Timer(grace, kill_if_still_there)
-        timer.daemon = True
-        timer.start()
-        return True
-
-
-def _signal_all(pids: Iterable[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(OSError):  # ended meanwhile
-            os.kill(pid, signum)
+        """`Pool.stop_worker` (an iteration past its timeout); False for a pool not ours."""
+        return self.pool is not None and self.pool.stop_worker(pid, grace)
 
 
 SHUTTING_DOWN = (
@@ -122,27 +105,15 @@ SHUTTING_DOWN = (
     "end before the main thread does (join that thread), and no loop can start in an atexit handler"
 )
 
-_pools: dict[tuple[Any, ...], Executor] = {}
-_slots_of: dict[int, WorkerSlots] = {}
-_stopped_of: dict[int, set[int]] = {}
-"""By pool: the workers a loop stopped on purpose (an iteration past its timeout)."""
-_stopped_lock = threading.Lock()
+MAX_WARM_POOLS = 8
+"""Pools kept warm at most; beyond it the least recently used one is closed (a loop that
+makes a new ``partial`` initializer at every call would otherwise start pools without end)."""
 
-
-def _mark_stopped(pool: int, pids: Iterable[int]) -> bool:
-    """Note workers stopped on purpose, so that no loop on the pool takes them for crashes.
-    False when the pool is closed and forgotten already."""
-    with _stopped_lock:
-        if pool not in _processes_of:
-            return False
-        _stopped_of.setdefault(pool, set()).update(pids)
-        return True
-
-
-_processes_of: dict[int, dict[int, BaseProcess]] = {}
-_pools_lock = threading.RLock()  # making a pool may run the garbage collector, and a __del__ a loop
-_pools_pid = os.getpid()
-_atexit_registered = False
+_warm: dict[tuple[Any, ...], Pool] = {}
+"""The pools loops may take, by configuration, the most recently used last."""
+_made: weakref.WeakSet[Pool] = weakref.WeakSet()
+"""Every pool made here and not yet garbage: warm, or still closing, or still used by a loop."""
+_lock = threading.RLock()  # making a pool may run the garbage collector, and a __del__ a loop
 
 
 def acquire(options: Options) -> Backend:
@@ -152,19 +123,20 @@ def acquire(options: Options) -> Backend:
     if isinstance(backend, Executor):
         in_process = isinstance(backend, ThreadPoolExecutor | SerialExecutor)
         local = isinstance(backend, ProcessPoolExecutor)
-        return Backend(backend, in_process=in_process, owned=False, workers=workers, local=local)
+        return Backend(backend, in_process=in_process, workers=workers, local=local)
     if backend == "serial":
         _initialize_here(options)
-        return Backend(SerialExecutor(), in_process=True, owned=False, workers=1)
+        return Backend(SerialExecutor(), in_process=True, workers=1)
     if backend == "thread":
         key: tuple[Any, ...] = ("thread", workers, *_initializer_key(options))
         initializer = None if options.initializer is None else initialize_thread
         initargs = (options.initializer, options.initargs)
         threads = functools.partial(ThreadPoolExecutor, workers, "autopar", initializer, initargs)
-        return Backend(_cached(key, threads), True, True, workers)
+        pool = _cached(key, lambda: Pool(threads()))
+        return Backend(pool.executor, in_process=True, workers=workers, pool=pool)
     key = ("process", workers, options.start_method, *_initializer_key(options), _tasks_per_child(options))
-    executor = _cached(key, lambda: _make_process_pool(options, workers))
-    return Backend(executor, False, True, workers, local=True, slots=_slots_of.get(id(executor)))
+    pool = _cached(key, lambda: _make_process_pool(options, workers))
+    return Backend(pool.executor, in_process=False, workers=workers, local=True, pool=pool)
 
 
 _initialized_here: set[tuple[Any, ...]] = set()
@@ -230,7 +202,7 @@ def _tasks_per_child(options: Options) -> int | None:
     return max(1, options.max_tasks_per_worker // chunksize)
 
 
-def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
+def _make_process_pool(options: Options, workers: int) -> Pool:
     user_init = dumps((options.initializer, options.initargs)) if options.initializer else None
     start_method = options.start_method
     if options.max_tasks_per_worker is not None and start_method is None:
@@ -255,11 +227,7 @@ def _make_process_pool(options: Options, workers: int) -> ProcessPoolExecutor:
         initargs=(user_init, blas_threads, slots, os.getpid(), thread_pools),
         max_tasks_per_child=_tasks_per_child(options),
     )
-    _slots_of[id(executor)] = slots
-    # Keep our own reference to the pool's process table: after a crash, concurrent.futures
-    # drops it, and the exit codes in it say which worker died first.
-    _processes_of[id(executor)] = executor._processes  # type: ignore[assignment]
-    return executor
+    return Pool(executor, slots)
 
 
 class _ReplacingProcessPool(ProcessPoolExecutor):
@@ -288,287 +256,94 @@ def _blas_threads(workers: int) -> int | None:
     return max(1, usable_cpu_count() // workers)
 
 
-MAX_WARM_POOLS = 8
-"""Pools kept warm at most; beyond it the least recently used one is closed (a loop that
-makes a new ``partial`` initializer at every call would otherwise start pools without end)."""
-
-
-_hook_pid = os.getpid()
-_abandoned: dict[int, deque[int]] = {}
-"""By pool: chunks of loops that ended while those chunks ran (the most recent ones)."""
-
-
-class _Loop(Protocol):
-    def pools_in_use(self) -> set[int]: ...
-
-    def give_up(self) -> dict[int, list[int]]: ...
-
-
-_live_loops: weakref.WeakSet[_Loop] = weakref.WeakSet()
-_live_loops_lock = threading.Lock()
-
-
-def loop_started(loop: _Loop) -> None:
-    """A loop runs: at exit, the pools it uses are left alone (stopping a worker breaks the
-    whole pool, and the loop could not resend its chunks once the interpreter shuts down)."""
-    with _live_loops_lock:
-        _live_loops.add(loop)
-
-
-def loop_ended(loop: _Loop) -> None:
-    with _live_loops_lock:
-        _live_loops.discard(loop)
-
-
-def abandon(backend: Backend, chunk_ids: list[int]) -> None:
-    """A loop ended early (a failure raised, an imap closed or dropped, Ctrl-C in the code
-    that consumed it) while these chunks of its may still run: nobody wants their results."""
-    with _stopped_lock:
-        if id(backend.executor) in _processes_of:  # not a pool already closed and forgotten
-            _abandoned.setdefault(id(backend.executor), deque(maxlen=1024)).extend(chunk_ids)
-
-
-def _stop_abandoned() -> None:
-    """At interpreter exit, before `concurrent.futures` waits for the workers: stop those
-    still running an abandoned chunk, or the exit would wait for it to end (an iteration a
-    raised failure or Ctrl-C left behind can take minutes). Pools that loops of other
-    threads still use are left alone."""
-    if os.getpid() != _hook_pid:
-        return  # a forked child's exit: the pools are its parent's
-    try:
-        with _live_loops_lock:
-            loops = list(_live_loops)
-        in_use = [loop.pools_in_use() for loop in loops]
-        busy = set().union(*in_use)
-        with _stopped_lock:
-            abandoned = {pool: set(chunks) for pool, chunks in _abandoned.items() if pool not in busy}
-        for loop, pools in zip(loops, in_use, strict=True):
-            if not pools:  # none can go on with it (an imap the main thread left unfinished)
-                for pool, left in loop.give_up().items():
-                    if pool not in busy:
-                        abandoned.setdefault(pool, set()).update(left)
-        with _stopped_lock:
-            processes = {pool: dict(_processes_of.get(pool, {})) for pool in abandoned}
-        for pool, chunks in abandoned.items():
-            slots = _slots_of.get(pool)
-            if slots is None:
-                continue
-            for pid, running in slots.snapshot().items():
-                process = processes[pool].get(pid)
-                if running.chunk_id in chunks and process is not None and process.exitcode is None:
-                    _mark_stopped(pool, [pid])  # no crash, for a loop that would still look
-                    process.kill()
-    except Exception:  # an error here would stop the interpreter from joining its threads
-        traceback.print_exc()
-
-
-def _cached(key: tuple[Any, ...], make: Callable[[], Executor]) -> Executor:
-    global _atexit_registered, _pools_pid, _hook_pid
-    with _pools_lock:
-        if _pools_pid != os.getpid():  # a forked child must not use its parent's pools
-            _pools.clear()
-            with _stopped_lock:
-                for table in (_slots_of, _processes_of, _stopped_of, _abandoned):
-                    table.clear()
-            _live_loops.clear()
-            _pools_pid = _hook_pid = os.getpid()
-        executor = _pools.pop(key, None)
-        if executor is None:
+def _cached(key: tuple[Any, ...], make: Callable[[], Pool]) -> Pool:
+    """The warm pool for ``key``, made if there is none; the least recently used beyond
+    `MAX_WARM_POOLS` is retired."""
+    with _lock:
+        _forget_if_forked()
+        pool = _warm.pop(key, None)
+        if pool is None:
             if getattr(threading, "_SHUTTING_DOWN", False):  # private; atexit handlers run then
                 raise RuntimeError(SHUTTING_DOWN)  # before a pool is started, that nothing would close
-            executor = make()
-            if not _atexit_registered:
-                atexit.register(shutdown)
-                # Runs before concurrent.futures' own hook (registered earlier, run later),
-                # which waits for running work items. A private API, which that module uses.
-                getattr(threading, "_register_atexit", lambda hook: None)(_stop_abandoned)
-                _atexit_registered, _hook_pid = True, os.getpid()
-            if multiprocessing.parent_process() is not None and _finalizer_pid != os.getpid():
-                _close_before_multiprocessing_joins_children()
-        made_meanwhile = _pools.pop(key, None)  # by a loop in a __del__ that make() set off
-        _pools[key] = executor  # last: the most recently used
-        evicted = [_pools.pop(old) for old in list(_pools)[:-MAX_WARM_POOLS]]
-        if made_meanwhile is not None and made_meanwhile is not executor:
+            pool = make()
+            _made.add(pool)
+            _exit.install(shutdown, _every_pool)
+        made_meanwhile = _warm.pop(key, None)  # by a loop in a __del__ that make() set off
+        _warm[key] = pool  # last: the most recently used
+        evicted = [_warm.pop(old) for old in list(_warm)[:-MAX_WARM_POOLS]]
+        if made_meanwhile is not None and made_meanwhile is not pool:
             evicted.append(made_meanwhile)
-    for old_executor in evicted:
-        _retire_in_background(old_executor)
-    return executor
+    for old in evicted:
+        old.retire()
+    return pool
 
 
-def retire(executor: Executor) -> None:
+def _forget_if_forked() -> None:
+    """In a child forked since the pools were made (under ``_lock``): they are the parent's,
+    not to be used, closed or waited for."""
+    if _exit.forked():
+        _warm.clear()
+        _made.clear()
+
+
+def _every_pool() -> list[Pool]:
+    """The pools whose workers the process's exit may stop."""
+    with _lock:
+        return list(_made)
+
+
+def _uncache(pool: Pool) -> None:
+    with _lock:
+        for key, cached in list(_warm.items()):
+            if cached is pool:
+                del _warm[key]
+
+
+# The engine's verbs for a backend's end: autopar's own pool leaves the cache first, so that
+# the next loop takes a new one. Nothing to do for the user's executors and the serial one.
+
+
+def retire(backend: Backend) -> None:
     """Take a pool out of the warm ones, to be closed once the loops on it are done (its
     workers' initializer failed: the next loop must start new ones)."""
-    _uncache(executor)
-    _retire_in_background(executor)
+    if backend.pool is not None:
+        _uncache(backend.pool)
+        backend.pool.retire()
 
 
-def _uncache(executor: Executor) -> None:
-    with _pools_lock:
-        for key, cached in list(_pools.items()):
-            if cached is executor:
-                del _pools[key]
-
-
-def _retire_in_background(executor: Executor) -> None:
-    # In the background: a loop may still run on it (it finishes; that loop's next chunk goes
-    # to a new pool, as after shutdown()).
-    threading.Thread(target=_retire, args=(executor,), daemon=True).start()
-
-
-_finalizer_pid = 0
-
-
-def _close_before_multiprocessing_joins_children() -> None:
-    """In a multiprocessing child (an ``mp.Process``, a joblib/loky worker): it ends without
-    atexit hooks, after joining its child processes, which would wait forever for our idle
-    workers. A finalizer that multiprocessing runs before that join closes our pools: before
-    the finalizers of its queues too (priority 10), whose feeder threads carry the pools' stop
-    messages."""
-    global _finalizer_pid
-    multiprocessing.util.Finalize(None, _close_at_child_exit, exitpriority=100)
-    _finalizer_pid = os.getpid()
-
-
-def _close_at_child_exit() -> None:
-    _stop_abandoned()  # as at the exit of a main process: not waited for
-    shutdown()
-
-
-def _retire(executor: Executor) -> None:
-    _close(executor)
-    forget_processes(executor)
-
-
-def discard(executor: Executor, *, kill: bool = False) -> None:
-    """Drop a broken or interrupted pool from the cache and close it.
-
-    With ``kill``, its worker processes are killed first (Ctrl-C: nothing may keep running);
-    a thread pool's running iterations cannot be stopped, so it is not waited for.
-    """
-    _uncache(executor)
-    _close(executor, kill=kill, wait=not (kill and isinstance(executor, ThreadPoolExecutor)))
-
-
-_closing: dict[int, tuple[Executor, threading.Event]] = {}
-_closing_lock = threading.Lock()
-
-
-def _close(executor: Executor, *, kill: bool = False, wait: bool = True) -> None:
-    """Shut ``executor`` down exactly once and wait for it (unless not ``wait``); a caller that
-    comes while another is closing it waits for that close. (Two concurrent
-    ``shutdown(wait=True)`` calls close the same pipe twice, and the second close can hit a
-    descriptor a new pool already reuses.)"""
-    if threading.current_thread() in getattr(executor, "_threads", ()):  # shutdown() in its iteration
-        wait = False  # a thread cannot wait for itself to end
-    if kill:  # at once, even while another thread is closing the pool (and waits for them)
-        processes = list(_processes_of.get(id(executor), {}).values())
-        pids = [p.pid for p in processes if p.pid]
-        _mark_stopped(id(executor), pids)
-        started = descendants(pids)  # by their iterations: nothing may keep running
-        for process in processes:
-            process.kill()
-        _signal_all(started, signal.SIGKILL)
-    with _closing_lock:
-        known = _closing.get(id(executor))
-        if known is not None and known[0] is executor:
-            first, done = False, known[1]
-        else:
-            first, done = True, threading.Event()
-            _closing[id(executor)] = (executor, done)
-            for key, (_, closed) in list(_closing.items())[:-16]:
-                if closed.is_set():
-                    del _closing[key]
-    if not first:
-        if wait:
-            done.wait()
-        return
-    try:
-        executor.shutdown(wait=wait, cancel_futures=True)
-    finally:
-        done.set()
-
-
-def forget_processes(executor: Executor) -> None:
-    """Drop our references to a closed pool's processes and slots."""
-    _slots_of.pop(id(executor), None)
-    with _stopped_lock:
-        _processes_of.pop(id(executor), None)
-        _stopped_of.pop(id(executor), None)
-        _abandoned.pop(id(executor), None)
-
-
-class PostMortem(NamedTuple):
-    """What a broken pool's workers were running when it broke, how each one ended, and
-    which ones a loop stopped on purpose (timeouts: no crash, whichever loop it broke)."""
-
-    running: dict[int, Running]
-    exit_codes: dict[int, int | None]
-    stopped: frozenset[int] = frozenset()
-
-
-class _Report:
-    """One pool's post-mortem, made by the first loop that asks, awaited by the others."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value = PostMortem({}, {})
-
-
-_post_mortems: OrderedDict[int, tuple[Executor, _Report]] = OrderedDict()
-_post_mortems_lock = threading.Lock()
+def discard(backend: Backend, *, kill: bool = False) -> None:
+    """Drop an interrupted pool from the cache and close it; with ``kill``, its workers are
+    killed first (Ctrl-C: nothing may keep running)."""
+    if backend.pool is not None:
+        _uncache(backend.pool)
+        backend.pool.close(kill=kill)
 
 
 def post_mortem(backend: Backend) -> PostMortem:
-    """Close a broken pool of ours (once) and say what its workers were doing and how they
-    ended. Every loop that had chunks on it gets the same answer: each blames the culprits
-    among its own chunks and sends the rest again."""
-    executor = backend.executor
-    with _post_mortems_lock:
-        known = _post_mortems.get(id(executor))
-        if known is not None and known[0] is executor:
-            first, report = False, known[1]
-        else:
-            first, report = True, _Report()
-            _post_mortems[id(executor)] = (executor, report)
-            while len(_post_mortems) > 8:
-                _post_mortems.popitem(last=False)
-    if not first:
-        report.done.wait()
-        return report.value
-    try:
-        running = backend.slots.snapshot() if backend.slots is not None else {}
-        # Hold on to the process table and the stopped set: a shutdown() closing this pool
-        # in another thread forgets them as soon as it is done, maybe before we look.
-        processes = _processes_of.get(id(executor), {})
-        with _stopped_lock:
-            stopped = _stopped_of.setdefault(id(executor), set())
-        discard(executor)  # the workers left are stopped and reaped (outside any global lock)
-        exit_codes = {pid: process.exitcode for pid, process in processes.items()}
-        with _stopped_lock:
-            report.value = PostMortem(running, exit_codes, frozenset(stopped))
-    except BaseException:
-        with _post_mortems_lock:  # interrupted: whoever asks next tries again
-            if _post_mortems.get(id(executor), (None, None))[1] is report:
-                del _post_mortems[id(executor)]
-        raise
-    finally:
-        forget_processes(executor)
-        report.done.set()
-    return report.value
+    """Drop a broken pool from the cache, close it (once), and say what its workers were
+    doing and how they ended. Every loop that had chunks on it gets the same answer: each
+    blames the culprits among its own chunks and sends the rest again."""
+    if backend.pool is None:
+        return PostMortem({}, {})
+    _uncache(backend.pool)
+    return backend.pool.post_mortem()
+
+
+def abandon(backend: Backend, chunk_ids: Iterable[int]) -> None:
+    """`Pool.abandon`: a loop ended early while these chunks of its may still run."""
+    if backend.pool is not None:
+        backend.pool.abandon(chunk_ids)
 
 
 def shutdown() -> None:
     """Close every worker pool autopar has started; the next loop starts fresh ones."""
-    with _pools_lock:
-        executors = list(_pools.values()) if _pools_pid == os.getpid() else []
-        _pools.clear()
+    with _lock:
+        _forget_if_forked()
+        warm = list(_warm.values())
+        _warm.clear()
+        others = [pool for pool in _made if pool not in warm]  # retired ones, closing maybe: wait
     with _initialize_lock:
         _initialized_here.clear()
-    for executor in executors:
-        _close(executor)
-        forget_processes(executor)
-    with _closing_lock:  # and pools still closing in the background
-        closing = [done for _, done in _closing.values()]
-    for done in closing:
-        done.wait()
+    for pool in warm + others:
+        pool.close()
     _shared.shutdown()

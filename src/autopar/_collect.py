@@ -9,6 +9,7 @@ is raised with the results so far as ``err.partial_result``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -265,14 +266,28 @@ class LoopIterator(Iterator[R], Generic[R]):
         self._collector.close()  # the generator's own cleanup never ran if it never started
 
 
+@contextlib.contextmanager
+def _driving(collector: _Collector) -> Iterator[Generator[Batch, None, None]]:
+    """The engine's batches, for a lazy iterator; closed however it ends (Ctrl-C kills the
+    workers, unless an iteration raised it)."""
+    batches = collector.dispatcher.batches()
+    try:
+        yield batches
+    except KeyboardInterrupt as exc:
+        collector.interrupted(exc)
+        raise
+    finally:
+        batches.close()
+        collector.close()
+
+
 def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Failure | None]:
     """The results in input order; under "raise", returns the first failure, to be raised."""
     dispatcher = collector.dispatcher
     dispatcher.delivered_up_to(0)
-    batches = dispatcher.batches()
     failed_at: dict[int, Failure] = {}
     next_index = 0
-    try:
+    with _driving(collector) as batches:
         for batch in batches:
             for failure in collector.add(batch):
                 failed_at[failure.index] = failure
@@ -286,12 +301,6 @@ def _in_order(collector: _Collector, on_error: str) -> Generator[Any, None, Fail
                     yield value  # the caller has it now: memory stays flat
                     next_index += 1
                     dispatcher.delivered_up_to(next_index)
-    except KeyboardInterrupt as exc:
-        collector.interrupted(exc)
-        raise
-    finally:
-        batches.close()
-        collector.close()
     return None
 
 
@@ -299,9 +308,8 @@ def _completion_order(collector: _Collector, on_error: str) -> Generator[Any, No
     """``(index, value)`` as iterations finish; under "raise", returns the first failure."""
     dispatcher = collector.dispatcher
     dispatcher.delivered_up_to(0)
-    batches = dispatcher.batches()
     delivered = 0
-    try:
+    with _driving(collector) as batches:
         for batch in batches:
             failed = {failure.index: failure for failure in collector.add(batch)}
             for index, value in zip(batch.indices, batch.values, strict=True):
@@ -311,12 +319,6 @@ def _completion_order(collector: _Collector, on_error: str) -> Generator[Any, No
                 yield index, value
                 delivered += 1
                 dispatcher.delivered_up_to(delivered)  # read ahead only so far: memory stays flat
-    except KeyboardInterrupt as exc:
-        collector.interrupted(exc)
-        raise
-    finally:
-        batches.close()
-        collector.close()
     return None
 
 

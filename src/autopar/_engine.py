@@ -228,7 +228,7 @@ class Dispatcher:
         """Ctrl-C: kill autopar's own pool that this loop runs on, so nothing keeps running."""
         backend = self._backend
         if backend is not None and backend.owned:
-            discard(backend.executor, kill=True)
+            discard(backend, kill=True)
             post_mortem(backend)  # the report for other loops on it: stopped workers, no crash
 
     # --- what the process's exit sees (autopar._backends) ---
@@ -382,5 +382,5 @@ class Dispatcher:
         for future in in_flight:
             future.cancel()
         self._packer.release_all(chunks_running=bool(in_flight))
-        for executor in self._outcomes.failed_setup.values():
-            retire(executor)
+        for backend in self._outcomes.failed_setup.values():
+            retire(backend)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
-from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 from typing import Any
 
 from autopar._backends import Backend
@@ -48,7 +48,7 @@ class Outcomes:
         self.recovery = recovery
         self.by_key = by_key
         self._attempts: dict[int, int] = {}  # by index: failed tries of a call being retried
-        self.failed_setup: dict[int, Executor] = {}
+        self.failed_setup: dict[int, Backend] = {}
         """Our pools whose workers' initializer failed: not to serve later loops."""
 
     def collect(self, future: Future[Any], calls: Calls, nbytes: int, backend: Backend) -> Batch:
@@ -83,7 +83,7 @@ class Outcomes:
         if self.by_key is not None:
             self.by_key.ran_on(result.worker)
         if result.setup_failed and backend.owned:
-            self.failed_setup[id(backend.executor)] = backend.executor
+            self.failed_setup[id(backend.executor)] = backend
         self.recovery.worked()
         return self._decode(calls, result, nbytes)
 

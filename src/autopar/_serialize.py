@@ -8,6 +8,7 @@ cloudpickle where it cannot, so one bad result never costs another iteration its
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -17,6 +18,7 @@ import marshal
 import os
 import pickle
 import re
+import sys
 import traceback
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator
@@ -136,18 +138,44 @@ _dumps_plain = functools.partial(pickle.dumps, protocol=_PROTOCOL)
 
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _SEQUENCES = (tuple, list)
+_NUMPY_PLAIN: set[type] = set()
+"""NumPy scalar types met in results: they unpickle wherever NumPy does, as builtins do."""
 
 
-def _all_plain(values: Iterable[Any]) -> bool:
+def _all_plain(values: Iterable[Any], numbers: bool = False) -> bool:
     """True when every value is a builtin scalar, or a tuple or list of them: values that
-    always unpickle, so that the whole chunk can travel as one pickle."""
+    always unpickle, so that the whole chunk can travel as one pickle. With ``numbers``
+    (results), NumPy scalars and arrays of numbers too, which unpickle wherever NumPy is
+    installed: an ``np.float64`` alone pickles to 117 bytes, and one pickle per value made
+    a loop returning them 5x slower. (Not for arguments: their arrays go out of band.)"""
     kinds = set(map(type, values))
     if kinds <= _PLAIN:
         return True
-    if not kinds <= _PLAIN | set(_SEQUENCES):
+    others = kinds - _PLAIN - set(_SEQUENCES)
+    if others and not (numbers and all(kind in _NUMPY_PLAIN or _numpy_plain(kind) for kind in others)):
+        return False
+    if _ARRAY in kinds and any(type(value) is _ARRAY and value.dtype.hasobject for value in values):
         return False
     nested = itertools.chain.from_iterable(value for value in values if type(value) in _SEQUENCES)
     return set(map(type, nested)) <= _PLAIN
+
+
+def _numpy_plain(kind: type) -> bool:
+    """Whether ``kind`` is a NumPy scalar type, or the array type (whose arrays of numbers
+    are plain: checked per value), noting it for the next chunks."""
+    global _ARRAY
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not getattr(kind, "__module__", "").startswith("numpy"):
+        return False
+    if kind is numpy.ndarray:
+        _ARRAY = kind
+    elif not issubclass(kind, numpy.generic) or issubclass(kind, numpy.void | numpy.object_):
+        return False  # a structured or object scalar may hold anything
+    _NUMPY_PLAIN.add(kind)
+    return True
+
+
+_ARRAY: Any = None
 
 
 def _is_plain(obj: Any) -> bool:
@@ -162,7 +190,7 @@ def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError])
     """Pickle the results: in one go when they are plain builtins (fast on both ends),
     otherwise each on its own, so that one that cannot be pickled or unpickled fails only its
     iteration (a pickling failure here becomes its call's error)."""
-    if _all_plain(values):
+    if _all_plain(values, numbers=True):
         return pickle.dumps(values, _PROTOCOL)
     try:
         return list(map(_dumps_plain, values))
@@ -185,7 +213,11 @@ _NONE = pickle.dumps(None)
 def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], dict[int, Failed]]:
     """Unpickle the results in the parent; one that cannot be unpickled fails its iteration."""
     if isinstance(blobs, bytes):
-        values: list[Any] = loads(blobs)  # plain builtins: cannot fail
+        try:
+            values: list[Any] = loads(blobs)  # builtins and NumPy numbers
+        except Exception as exc:  # NumPy missing here: every value of the chunk is lost
+            error = stage_error("results of this chunk could not be unpickled", exc)
+            return [None] * len(calls), {p: Failed(i, copy.copy(error)) for p, i in enumerate(calls.index_list())}
         return values, {}
     try:
         return list(map(loads, blobs)), {}
