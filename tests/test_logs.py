@@ -171,6 +171,22 @@ def _many(x: int) -> int:
     return x
 
 
+def _flaky(x: int, path: str) -> int:
+    logging.getLogger("test_logs.flaky").warning("try %d", x)
+    if x == 2 and not os.path.exists(path):
+        Path(path).touch()
+        raise RuntimeError("first try")
+    return x
+
+
+def test_what_a_retried_try_logged_is_handled_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="test_logs.flaky")
+    res = parallel_loop(_flaky).options(workers=2, retries=1).map(range(4), path=str(tmp_path / "tried"))
+    assert list(res) == list(range(4))
+    tries = [(r.autopar_index, r.getMessage()) for r in caplog.records if r.name == "test_logs.flaky"]  # type: ignore[attr-defined]
+    assert tries == [(0, "try 0"), (1, "try 1"), (2, "try 2"), (2, "try 2"), (3, "try 3")]
+
+
 @pytest.mark.skipif("fork" not in START_METHODS, reason="a forked executor")
 def test_a_process_pool_of_your_own_forwards_too(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="test_logs.many")

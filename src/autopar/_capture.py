@@ -178,7 +178,11 @@ class Echo:
             setup = outputs.pop(-1, None)
             if setup is not None:
                 self.show(setup)
-            self._pending.update(outputs)
+            for index, output in outputs.items():
+                earlier = self._pending.get(index)  # what a failed try logged, before a retry
+                if earlier is not None:
+                    output = output._replace(records=earlier.records + output.records)
+                self._pending[index] = output
         if isinstance(indices, range):
             if indices:
                 self._finished[indices.start] = indices.stop
