@@ -268,3 +268,29 @@ def test_a_chunk_takes_every_record_and_gives_logging_back(caplog: pytest.LogCap
     assert [r.getMessage() for r in forwarding.records()[-1]] == ["taken"]  # outside an iteration
     logging.getLogger("test_logs.chunk").info("mine again")
     assert "mine again" in caplog.text
+
+
+FAILING_SETUP = """
+    import logging, sys
+    from autopar import parallel_loop
+
+    def setup():
+        logging.getLogger("setup").warning("loading the model")
+        raise RuntimeError("no model")
+
+    @parallel_loop(workers=2, initializer=setup, on_error="collect", start_method=sys.argv[1])
+    def work(x):
+        return x
+
+    if __name__ == "__main__":
+        logging.basicConfig(level=logging.INFO, format="%(autopar_index)s %(levelname)s %(message)s")
+        res = work.map(range(4))
+        print("FAILED", len(res.failures))
+"""
+
+
+def test_what_a_failing_initializer_logged_reaches_the_parent(tmp_path: Path) -> None:
+    method = "spawn" if "spawn" in START_METHODS else START_METHODS[0]
+    result = run_script(FAILING_SETUP, tmp_path, method)
+    assert "FAILED 4" in result.stdout
+    assert "None WARNING loading the model" in result.stderr.splitlines(), result.stderr
