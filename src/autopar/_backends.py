@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 from autopar import _exit, _shared
 from autopar._cpus import usable_cpu_count
 from autopar._exit import loop_ended, loop_started
+from autopar._logs import parent_levels
 from autopar._main_guard import naming_workers, refuse_while_importing_main
 from autopar._options import Options
 from autopar._pool import Pool, PostMortem
@@ -204,6 +205,9 @@ def _tasks_per_child(options: Options) -> int | None:
 
 def _make_process_pool(options: Options, workers: int) -> Pool:
     user_init = dumps((options.initializer, options.initargs)) if options.initializer else None
+    # What the initializer logs goes with each worker's first chunk, under this process's
+    # levels as they are now (a pool serves later loops too).
+    log_levels = parent_levels() if options.initializer and options.forward_logging else None
     start_method = options.start_method
     if options.max_tasks_per_worker is not None and start_method is None:
         # concurrent.futures replaces workers only when they are not forked.
@@ -224,7 +228,7 @@ def _make_process_pool(options: Options, workers: int) -> Pool:
         max_workers=workers,
         mp_context=context,
         initializer=initialize_worker,
-        initargs=(user_init, blas_threads, slots, os.getpid(), thread_pools),
+        initargs=(user_init, blas_threads, slots, os.getpid(), thread_pools, log_levels),
         max_tasks_per_child=_tasks_per_child(options),
     )
     return Pool(executor, slots)

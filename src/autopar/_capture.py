@@ -33,10 +33,12 @@ class Observer:
 
     def __init__(self, settings: Settings, own_process: bool) -> None:
         self._streams = _Buffers(own_process) if settings.capture_output else None
-        forwarding = settings.log_levels is not None and own_process
-        self._logs = LogForwarding(settings.log_levels) if forwarding and settings.log_levels is not None else None
+        levels = settings.log_levels
+        self._logs = LogForwarding(levels) if levels is not None and own_process else None
         self._spans: dict[int, tuple[int, int, int, int]] = {}
         self._marks = (0, 0)
+        self.per_iteration = self._streams is not None
+        """`begin` and `end` have work to do (log records find their iteration themselves)."""
 
     def __enter__(self) -> Observer:
         if self._streams is not None:
@@ -51,12 +53,10 @@ class Observer:
         if self._logs is not None:
             self._logs.close()
 
-    def begin(self, position: int, index: int) -> None:
+    def begin(self, position: int) -> None:
         streams = self._streams
         if streams is not None:
             self._marks = (streams.stdout.tell(), streams.stderr.tell())
-        if self._logs is not None:
-            self._logs.begin(position, index)
 
     def end(self, position: int) -> None:
         streams = self._streams
@@ -178,7 +178,11 @@ class Echo:
             setup = outputs.pop(-1, None)
             if setup is not None:
                 self.show(setup)
-            self._pending.update(outputs)
+            for index, output in outputs.items():
+                earlier = self._pending.get(index)  # what a failed try logged, before a retry
+                if earlier is not None:
+                    output = output._replace(records=earlier.records + output.records)
+                self._pending[index] = output
         if isinstance(indices, range):
             if indices:
                 self._finished[indices.start] = indices.stop

@@ -147,6 +147,12 @@ class Outcomes:
         if retried:
             kept = [position for position in range(len(calls)) if position not in retried]
             indices, values = [indices[p] for p in kept], [values[p] for p in kept]
-            if outputs:  # what a try that will be retried wrote is not the iteration's
-                outputs = {index: output for index, output in outputs.items() if index in set(indices) or index < 0}
+            if outputs:  # what a try that will be retried wrote is not the iteration's; what
+                # it logged happened, and is handled with the iteration's final try
+                kept_indices = set(indices)
+                outputs = {
+                    index: output if index in kept_indices or index < 0 else IterationOutput(records=output.records)
+                    for index, output in outputs.items()
+                    if index in kept_indices or index < 0 or output.records
+                }
         return Batch(indices, values, final, seconds, outputs)

@@ -27,7 +27,7 @@ from typing import Any
 from autopar._backends import Backend
 from autopar._culprit import pickling_error, unpicklable_error
 from autopar._errors import SerializationError
-from autopar._logs import parent_levels
+from autopar._logs import index_records, parent_levels
 from autopar._plan import Loop, LoopCounters
 from autopar._records import BY_KEY, Calls, Chunk, Failed, Payload, Settings
 from autopar._serialize import digest, split_unpicklable
@@ -64,6 +64,8 @@ class Packer:
         self._loop_id = uuid.uuid4().hex
         self._wire: tuple[str, Payload, str, Payload] | None = None
         options = loop.options
+        if options.forward_logging:
+            index_records()  # again, if the program replaced the record factory since import
         self.settings = Settings(
             options.timeout,
             options.seed,

@@ -21,10 +21,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from autopar import _logs
 from autopar._capture import Observer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
 from autopar._random import fresh_worker_streams, seeded_chunk
-from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, Payload, Settings, WireError
+from autopar._records import BY_KEY, Calls, Chunk, ChunkResult, Failed, IterationOutput, Payload, Settings, WireError
 from autopar._serialize import (
     describe,
     encode_error,
@@ -96,13 +97,16 @@ def initialize_worker(
     slots: WorkerSlots | None = None,
     parent: int | None = None,
     thread_pools: Any = None,
+    log_levels: _logs.Levels | None = None,
 ) -> None:
     """Run once in each new worker process: the parent owns Ctrl-C, loops nest serially, the
     worker exits with its parent, claims its progress slot, caps BLAS/OpenMP pools at
     ``blas_threads`` (so that workers x threads does not exceed the CPUs), and the user's
     ``initializer(*initargs)`` (cloudpickled, so a lambda works) runs last. ``parent`` is the
     process that made the pool (under forkserver, not this worker's parent process);
-    ``thread_pools``, a forked worker's inherited `thread_pool_controller`."""
+    ``thread_pools``, a forked worker's inherited `thread_pool_controller`. ``log_levels``
+    (``forward_logging``): the parent's, under which what the initializer logs is kept and
+    sent with the worker's first chunk."""
     global _is_worker_process, _slots
     _is_worker_process = True
     if slots is not None:
@@ -119,6 +123,8 @@ def initialize_worker(
     if blas_threads is not None:
         _cap_thread_pools(blas_threads, thread_pools)
     if user_initializer is not None:
+        if log_levels is not None:
+            _logs.begin_setup(log_levels)
         try:
             initializer, initargs = loads(user_initializer)
             _run_initializer(initializer, initargs)
@@ -128,6 +134,9 @@ def initialize_worker(
             # engine then retires the pool, so the next loop's workers try again).
             global _initializer_failed
             _initializer_failed = encode_error(*_setup_failure(exc, f"worker process {os.getpid()}"))
+        finally:
+            if log_levels is not None:
+                _logs.end_setup()
 
 
 def _setup_failure(exc: BaseException, where: str) -> tuple[BaseException, str]:
@@ -253,7 +262,10 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
     if _initializer_failed is not None:  # every iteration fails with it, none runs
         failing: Calls = unpack(chunk.calls)
         failed = dict.fromkeys(range(len(failing)), _initializer_failed)
-        return ChunkResult(encode_values([None] * len(failing), failing, failed), failed, 0.0, _identity, True)
+        setup_logged = _logs.pending_setup_records() if chunk.settings.log_levels is not None else ()
+        outputs = {-1: IterationOutput(records=setup_logged)} if setup_logged else None
+        values = encode_values([None] * len(failing), failing, failed)
+        return ChunkResult(values, failed, 0.0, _identity, True, outputs)
     slots = _slots
     if slots is not None:
         if slots.cancelled(chunk.loop_token):  # the loop stopped while this chunk was queued
@@ -327,6 +339,8 @@ def run_calls(
 @contextlib.contextmanager
 def _observed(settings: Settings, own_process: bool) -> Iterator[Observer | None]:
     """The chunk's `Observer`, when its output or logs are to be captured."""
+    if own_process and settings.log_levels is None:
+        _logs.standalone()  # this process's logging is its own again, if a loop took it over
     if not settings.capture_output and (settings.log_levels is None or not own_process):
         yield None  # in this process, log records go to its loggers as they are emitted
         return
@@ -359,13 +373,18 @@ def _run(
     """Run each call in its own ``try``, telling ``slots`` which one runs (and since when,
     for timeouts), and ``begin`` (seeded loops) which iteration starts. An iteration that
     overran ``timeout`` without being stopped (threads, executors that cannot kill a
-    worker) fails once it returns."""
+    worker) fails once it returns.
+
+    A log record emitted meanwhile finds its iteration in this frame's locals ``position``
+    and ``calls`` (`autopar._logs`): keep those names."""
     values: list[Any] = []
     errors: dict[int, tuple[BaseException, str]] = {}
     where = slots.position_writer() if slots is not None else None
     view, at = where if where is not None else (None, 0)
     stamp_starts = view is not None and timeout is not None
     single = calls.single
+    if observer is not None and not observer.per_iteration:
+        observer = None  # log records find their iteration from this frame's locals (see _logs)
     _local.depth = getattr(_local, "depth", 0) + 1
     started = previous = time.perf_counter()
     try:
@@ -377,7 +396,7 @@ def _run(
             if begin is not None:
                 begin(calls.index_of(position))
             if observer is not None:
-                observer.begin(position, calls.index_of(position))
+                observer.begin(position)
             try:
                 values.append(target(args) if single else target(*args))
             except KeyboardInterrupt as exc:
@@ -399,6 +418,14 @@ def _run(
     finally:
         _local.depth -= 1
     return values, errors, time.perf_counter() - started
+
+
+def _depth() -> int:
+    """How many chunks this thread is running (a nested serial loop runs one inside another)."""
+    return int(getattr(_local, "depth", 0))
+
+
+_logs.watch_iterations(_run.__code__, _depth)
 
 
 def _overran(seconds: float, timeout: float, *, stoppable: bool) -> IterationTimeout:
