@@ -20,6 +20,7 @@ import io
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TextIO
 
 from autopar._logs import LogForwarding, handle
@@ -159,8 +160,11 @@ class Echo:
     ``sys.stderr`` (through ``write``, which a progress bar may take over) and handed to the
     loggers, in input order as results are collected (``in_order``), else as they come."""
 
-    def __init__(self, write: Callable[[str, TextIO], None], in_order: bool) -> None:
+    def __init__(
+        self, write: Callable[[str, TextIO], None], aside: Callable[[], AbstractContextManager[Any]], in_order: bool
+    ) -> None:
         self._write = write
+        self._aside = aside
         self._in_order = in_order
         self._pending: dict[int, IterationOutput] = {}
         self._finished: dict[int, int] = {}  # runs of finished indices: first -> one past the last
@@ -196,7 +200,8 @@ class Echo:
 
     def show(self, output: IterationOutput) -> None:
         if output.records:
-            handle(output.records)
+            with self._aside():  # a handler writing to the terminal must not tear a progress bar
+                handle(output.records)
         if output.stdout:
             self._write(output.stdout, sys.stdout)
         if output.stderr:

@@ -96,7 +96,7 @@ class _Collector:
         self.ended: float | None = None
         self.remote = not dispatcher.in_process
         self.progress = progress_bar(loop.options.progress, loop.total, loop.name)
-        self.echo = Echo(self.progress.write, in_order)
+        self.echo = Echo(self.progress.write, self.progress.aside, in_order)
         """What iterations wrote and logged, written here as results are collected."""
 
     def add(self, batch: Batch) -> list[Failure]:

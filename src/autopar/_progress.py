@@ -13,10 +13,12 @@ started inside an iteration.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import warnings
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TextIO
 
 __all__ = ["ProgressBar", "progress_bar"]
@@ -28,6 +30,9 @@ class ProgressBar(Protocol):
     def write(self, text: str, stream: TextIO) -> None:
         """Write text an iteration printed, without tearing the bar."""
 
+    def aside(self) -> AbstractContextManager[Any]:
+        """Around writes the bar does not see (log handlers): clear it, draw it again after."""
+
 
 class _NoProgress:
     def update(self, n: int) -> None:
@@ -38,6 +43,9 @@ class _NoProgress:
 
     def write(self, text: str, stream: TextIO) -> None:
         stream.write(text)
+
+    def aside(self) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
 
 class _Bar:
@@ -56,6 +64,9 @@ class _Bar:
         for stream, text in open_lines.values():  # below the finished bar, as the loop left them
             stream.write(text)
             stream.flush()
+
+    def aside(self) -> AbstractContextManager[Any]:
+        return self._bar.external_write_mode(file=sys.stderr)  # type: ignore[no-any-return]
 
     def write(self, text: str, stream: TextIO) -> None:
         _, held = self._open_lines.pop(id(stream), (stream, ""))
