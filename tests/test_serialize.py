@@ -95,3 +95,21 @@ def test_numpy_results_travel_as_one_pickle_per_chunk_and_come_back_equal() -> N
         assert type(got) is type(want)
         assert np.array_equal(got, want)
     assert res.stats.bytes_received < 10 * 117  # not a pickle per np.float64
+
+
+def test_numpy_scalars_of_one_type_come_back_as_those_scalars() -> None:
+    import numpy as np
+
+    cases = [
+        [np.float64(1.5), np.float64("nan")],
+        [np.int32(3), np.int32(-4)],
+        [np.str_("a"), np.str_("bc")],  # a dtype per length: not one column
+        [np.datetime64("2020-01-01"), np.datetime64("2021-01-01T10")],  # a unit per value
+        [np.float32(1), np.float64(2)],
+    ]
+    for values in cases:
+        calls = Calls(list(range(len(values))))
+        decoded, failed = _serialize.decode_values(_serialize.encode_values(values, calls, {}), calls)
+        assert failed == {}
+        assert [type(value) for value in decoded] == [type(value) for value in values]
+        assert [str(value) for value in decoded] == [str(value) for value in values]

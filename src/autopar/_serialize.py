@@ -160,6 +160,22 @@ def _all_plain(values: Iterable[Any], numbers: bool = False) -> bool:
     return set(map(type, nested)) <= _PLAIN
 
 
+def _column(values: list[Any]) -> Any:
+    """The values, or, when they are NumPy scalars of one type (a loop returning
+    ``np.float64``), one array of them: 8 bytes a value, where each scalar pickles with its
+    dtype, and unpickled by a C loop (``list(array)`` gives the same scalars back), where
+    rebuilding scalars one by one took 1 us each in the parent."""
+    if len(values) < 2:
+        return values
+    first: Any = values[0]
+    if type(first) not in _NUMPY_PLAIN or type(first) is _ARRAY or first.dtype.kind not in "biufc":
+        return values  # strings and dates: their dtype varies by value (length, unit)
+    kind, dtype = type(first), first.dtype
+    if any(type(value) is not kind or value.dtype != dtype for value in values):
+        return values
+    return sys.modules["numpy"].array(values, dtype=dtype)
+
+
 def _numpy_plain(kind: type) -> bool:
     """Whether ``kind`` is a NumPy scalar type, or the array type (whose arrays of numbers
     are plain: checked per value), noting it for the next chunks."""
@@ -191,7 +207,7 @@ def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError])
     otherwise each on its own, so that one that cannot be pickled or unpickled fails only its
     iteration (a pickling failure here becomes its call's error)."""
     if _all_plain(values, numbers=True):
-        return pickle.dumps(values, _PROTOCOL)
+        return pickle.dumps(_column(values), _PROTOCOL)
     try:
         return list(map(_dumps_plain, values))
     except Exception:
@@ -215,6 +231,8 @@ def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], 
     if isinstance(blobs, bytes):
         try:
             values: list[Any] = loads(blobs)  # builtins and NumPy numbers
+            if type(values) is not list:  # NumPy scalars of one type, as one array
+                values = list(values)
         except Exception as exc:  # NumPy missing here: every value of the chunk is lost
             error = stage_error("results of this chunk could not be unpickled", exc)
             return [None] * len(calls), {p: Failed(i, copy.copy(error)) for p, i in enumerate(calls.index_list())}
