@@ -144,6 +144,16 @@ def array_info(a: Any) -> tuple[float, bool]:
     return float(a.sum()), bool(a.flags.writeable)
 
 
+def doubles_in_place(a: Any) -> float:
+    a *= 2
+    return float(a.sum())
+
+
+def writes_broadcast(x: int, table: Any) -> float:
+    table[0] = x
+    return float(table.sum())
+
+
 def broadcast_sum(x: int, table: Any) -> float:
     return float(table[x])
 

@@ -16,7 +16,18 @@ from typing import Any
 import pytest
 
 import autopar
-from _helpers import CountedFunction, CountsLoads, append_to, array_info, broadcast_sum, bytes_len, lookup, uses_counted
+from _helpers import (
+    CountedFunction,
+    CountsLoads,
+    append_to,
+    array_info,
+    broadcast_sum,
+    bytes_len,
+    doubles_in_place,
+    lookup,
+    uses_counted,
+    writes_broadcast,
+)
 from autopar import parallel_loop
 from autopar._shared import SHARE_ABOVE, pack, release, segment_prefix, unpack
 
@@ -49,11 +60,24 @@ def test_large_buffers_leave_the_pickle_and_come_back() -> None:
     assert bytes(unpack(plain)) == bytes(big)
 
 
-def test_numpy_arrays_arrive_as_read_only_views() -> None:
+def test_numpy_arguments_arrive_as_writable_views_whose_writes_stay_there() -> None:
     np = pytest.importorskip("numpy")
     arrays = [np.full(50_000, i, dtype=np.float64) for i in range(6)]
     res = parallel_loop(array_info, workers=2).map(arrays)
-    assert list(res) == [(50_000.0 * i, False) for i in range(6)]
+    assert list(res) == [(50_000.0 * i, True) for i in range(6)]
+    sums = parallel_loop(doubles_in_place, workers=2, chunksize=3).map(arrays)
+    assert list(sums) == [2 * 50_000.0 * i for i in range(6)]  # each saw only its own write
+    assert all((array == i).all() for i, array in enumerate(arrays))  # none reached this process
+    again = parallel_loop(array_info, workers=2, chunksize=3).map(arrays)  # the segment, reused
+    assert list(again) == [(50_000.0 * i, True) for i in range(6)]
+
+
+def test_a_broadcast_array_stays_read_only_as_iterations_share_it() -> None:
+    np = pytest.importorskip("numpy")
+    table = np.ones(100_000)
+    res = parallel_loop(writes_broadcast, workers=2, on_error="collect").map(range(2), table=table)
+    assert all("read-only" in str(failure.exception) for failure in res.failures)
+    assert len(res.failures) == 2
 
 
 def test_broadcast_array_is_shared_by_every_iteration() -> None:

@@ -1,10 +1,11 @@
-"""Large buffers through shared memory: one copy in the parent, read-only views in workers.
+"""Large buffers through shared memory: one copy in the parent, views in workers.
 
 `pack` pickles with protocol 5 and takes every large contiguous buffer (a NumPy array's
 data, a ``PickleBuffer``) out of the pickle stream into one shared-memory segment, and the
 pickle itself too when it is large (a big dict, a closure holding an array); workers
-`unpack` it by mapping the segment read-only, so an array arrives as a view, not a copy, and
-a chunk carries only the segment's name. Nothing here imports NumPy: any object that pickles
+`unpack` it by mapping the segment (read-only for what iterations share, copy-on-write for
+an iteration's own arguments), so an array arrives as a view, not a copy, and a chunk
+carries only the segment's name. Nothing here imports NumPy: any object that pickles
 its data as a ``PickleBuffer`` benefits.
 
 The parent owns every segment: it creates it (registered with multiprocessing's resource
@@ -160,11 +161,16 @@ def _keep_in_band(buffer: pickle.PickleBuffer, collected: list[memoryview]) -> b
     return False
 
 
-def unpack(payload: Payload) -> Any:
-    """Unpickle a payload; buffers in shared memory arrive as read-only views of it."""
+def unpack(payload: Payload, *, private: bool = False) -> Any:
+    """Unpickle a payload; buffers in shared memory arrive as views of it: read-only, or,
+    ``private``, writable copy-on-write (a page is copied for this process when it is first
+    written, never before; no write reaches the segment, the parent or another mapping).
+    Arguments, each an iteration's own, are private: libraries that copy a read-only input
+    before working (scipy.signal.convolve2d, 72 MB a call) no longer need to. The function
+    and broadcast arguments, which iterations share, stay read-only."""
     if payload.segment is None:
         return loads(payload.data)
-    view = _map_read_only(payload.segment)
+    view = _map(payload.segment, private)
     data: bytes | memoryview = payload.data
     if payload.pickle_span is not None:
         start, length = payload.pickle_span
@@ -172,11 +178,11 @@ def unpack(payload: Payload) -> Any:
     return pickle.loads(data, buffers=[view[start : start + length] for start, length in payload.spans])
 
 
-def _map_read_only(name: str) -> memoryview:
+def _map(name: str, private: bool) -> memoryview:
     if os.path.isdir(_DEV_SHM):
         fd = os.open(os.path.join(_DEV_SHM, name), os.O_RDONLY)
         try:
-            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ))
         finally:
             os.close(fd)
     # Elsewhere (macOS) attach through SharedMemory, which registers the segment with the

@@ -282,7 +282,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
         if slots is not None:
             slots.running(chunk.chunk_id, LOADING_ARGUMENTS)
         try:
-            calls: Calls = unpack(chunk.calls)
+            calls: Calls = unpack(chunk.calls, private=True)  # each iteration's own: writable
         except Exception as exc:
             raise ChunkArgumentsError(
                 f"arguments of this chunk could not be unpickled in the worker: {describe(exc)}"
