@@ -82,10 +82,12 @@ def test_stats_derive_speedup_and_efficiency() -> None:
         ),
         (
             LoopStats(1.0, 0.01, 200, 2, 4, bytes_sent=200_000_000),
-            "arguments and results are 1 MB per 50 us iteration: serialization-bound, the serial loop would be faster",
+            "arguments and results are 1 MB per 50 us iteration, mostly arguments: serialization-bound, the serial "
+            "loop would be faster; pass smaller arguments",
         ),
         (LoopStats(1.0, 1.0, 3, 4, 1), "too few iterations to keep 4 workers busy"),
         (LoopStats(1.0, 1.0, 100, 2, 1), "workers were busy 50% of the time; iteration costs vary"),
+        (LoopStats(1.0, 1.0, 5, 2, 1), "with 2 iterations a worker, the last ones leave workers idle"),
         (LoopStats(1.0, 1.0, 10, 1, 1), "10 iterations averaging 100 ms on 1 worker: ran serially"),
         (LoopStats(0.0, 0.0, 0, 2, 0), "no iterations ran."),
         (LoopStats(0.4, 0.0, 4, 2, 1, failed=4), "4 of 4 iterations failed: see the failures first"),
@@ -95,7 +97,20 @@ def test_stats_derive_speedup_and_efficiency() -> None:
         ),
         (
             LoopStats(0.4, 0.2, 100, 2, 50, bytes_received=1_500_000, pickle_time=0.2),
-            "this process spent 50% of the loop pickling arguments and unpickling results (15 kB per iteration)",
+            "this process spent 50% of the loop pickling arguments and unpickling results (15 kB per iteration, "
+            "mostly results): serialization-bound",
+        ),
+        (  # returns 1 MB arrays: the way back limits it
+            LoopStats(1.0, 0.4, 200, 2, 4, bytes_received=800_000_000),
+            "mostly results: return-bound, the serial loop would be faster; return less",
+        ),
+        (  # 5 iterations of a fresh spawn pool: starting it was most of the loop
+            LoopStats(0.4, 0.25, 5, 2, 1, startup_time=0.2),
+            "200 ms of the loop's 400 ms went to starting the workers",
+        ),
+        (  # 12 iterations on 2 workers: the tail, not other programs
+            LoopStats(1.0, 1.4, 12, 2, 1),
+            "with 6 iterations a worker, the last ones leave workers idle",
         ),
         (LoopStats(1.0, 1.9, 100, 2, 1, failed=3), "100 iterations averaging 19 ms on 2 workers (3 failed): work"),
     ],

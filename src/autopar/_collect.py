@@ -94,6 +94,7 @@ class _Collector:
         self.busy_time = 0.0
         self.started = time.perf_counter()
         self.ended: float | None = None
+        self.startup: float | None = None  # until the first result, less its own work
         self.remote = not dispatcher.in_process
         self.progress = progress_bar(loop.options.progress, loop.total, loop.name)
         self.echo = Echo(self.progress.write, self.progress.aside, in_order)
@@ -105,6 +106,8 @@ class _Collector:
             self.values.put(batch.indices, batch.values)
         self.iterations += len(batch.indices)
         self.busy_time += batch.seconds
+        if self.startup is None and batch.indices:
+            self.startup = max(time.perf_counter() - self.started - batch.seconds, 0.0)
         outputs = batch.outputs or {}
         failed = [self._failure(call, failure, outputs.get(call[0])) for call, failure in batch.failures]
         self.failures.extend(failed)
@@ -160,6 +163,7 @@ class _Collector:
             bytes_received=counters.bytes_received,
             failed=len(self.failures),
             pickle_time=counters.pickle_seconds,
+            startup_time=self.startup or 0.0,
         )
 
     def to_raise(self, failure: Failure) -> BaseException:

@@ -21,6 +21,8 @@ _K = TypeVar("_K")
 
 _PICKLE_BYTES_PER_SECOND = 1e9  # pickling and copying big buffers, both ways, roughly
 _PICKLING_SHARE = 0.25  # of the wall time spent pickling here, beyond which that is the limit
+_STARTUP_SHARE = 0.25  # of the wall time spent before the first result, beyond which that is the limit
+_FEW_PER_WORKER = 8  # iterations a worker, below which the tail leaves workers idle
 
 
 def _seconds(value: float) -> str:
@@ -118,6 +120,10 @@ class LoopStats:
     pickle_time: float = 0.0
     """Seconds this process spent pickling arguments and unpickling results (the workers
     spend about as much on their side)."""
+    startup_time: float = 0.0
+    """Seconds from the loop's start to its first result, less that result's own work:
+    starting workers (a new pool; under spawn, each imports your modules), or about a round
+    trip on a warm pool."""
 
     @property
     def summary(self) -> str:
@@ -142,16 +148,29 @@ class LoopStats:
         if self.efficiency >= 0.8:
             balanced = f"{self.speedup:.1f}x ({self.efficiency:.0%} efficiency)"
             return f"{head}: work-bound (not overhead) and well balanced, {balanced}."
+        if self.startup_time > _STARTUP_SHARE * self.wall_time:
+            return (
+                f"{head}: {_seconds(self.startup_time)} of the loop's {_seconds(self.wall_time)} went to starting "
+                "the workers (a new pool; under spawn each imports your modules); the next loop with these "
+                "options finds them warm."
+            )
+        returned = self.bytes_received > self.bytes_sent
+        what = "results" if returned else "arguments"
+        advice = (
+            "return less (summaries; large arrays written to files)"
+            if returned
+            else "pass smaller arguments (file names, indices)"
+        )
         if self.pickle_time > _PICKLING_SHARE * self.wall_time:  # measured: many small objects
             return (
                 f"{head}: this process spent {self.pickle_time / self.wall_time:.0%} of the loop pickling "
-                f"arguments and unpickling results ({_size(moved)} per iteration): serialization-bound, "
-                f"{verdict}; pass and return less (file names, indices, summaries)."
+                f"arguments and unpickling results ({_size(moved)} per iteration, mostly {what}): "
+                f"serialization-bound, {verdict}; {advice}."
             )
         if moved / _PICKLE_BYTES_PER_SECOND > mean:  # estimated: the workers pay it too
             return (
-                f"{head}: arguments and results are {_size(moved)} per {_seconds(mean)} iteration: "
-                f"serialization-bound, {verdict}; pass smaller arguments (file names, indices)."
+                f"{head}: arguments and results are {_size(moved)} per {_seconds(mean)} iteration, mostly "
+                f"{what}: {'return' if returned else 'serialization'}-bound, {verdict}; {advice}."
             )
         if self.iterations < 2 * self.workers:
             return f"{head}: too few iterations to keep {self.workers} workers busy ({self.efficiency:.0%} efficiency)."
@@ -159,6 +178,12 @@ class LoopStats:
             return (
                 f"{head}: overhead-bound, {self.efficiency:.0%} efficiency; chunksize grew to {self.chunksize:,}; "
                 "give each iteration more work."
+            )
+        if self.iterations < _FEW_PER_WORKER * self.workers:
+            return (
+                f"{head}: workers were busy {self.efficiency:.0%} of the time; with "
+                f"{self.iterations / self.workers:.0f} iterations a worker, the last ones leave workers idle: "
+                "more, smaller iterations balance better."
             )
         return (
             f"{head}: workers were busy {self.efficiency:.0%} of the time; iteration costs vary "
