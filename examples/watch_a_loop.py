@@ -1,6 +1,6 @@
 """Watching a parallel loop: progress, logging and printed output, as the serial loop showed them.
 
-Run it with:  python examples/watch_a_loop.py
+Run it with:  pip install ".[progress]" && python examples/watch_a_loop.py   (tqdm draws the bar)
 
 A legacy loop prints a line per item and logs a warning for odd ones. Run in worker
 processes the usual way, those lines come out interleaved, or not at all (a notebook, a
