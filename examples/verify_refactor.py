@@ -1,6 +1,6 @@
 """Is my parallel loop the same as my old loop? A refactor checked by verify().
 
-Run it with:  python examples/verify_refactor.py
+Run it with:  pip install numpy && python examples/verify_refactor.py
 
 The legacy loop below has the three classic hazards of a loop that is parallelized by the
 minimal edit: it counts calls in a global, it normalizes its argument in place (the caller
