@@ -118,9 +118,19 @@ def describe_mismatch(got: list[Any], want: list[Any]) -> str:
     if len(got) != len(want):
         return f"{len(got)} results instead of {len(want)}"
     for index, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a != b:
+        if not same([a], [b]):
             return f"iteration {index}: got {a!r}, serial loop gave {b!r}"
     return "results differ"
+
+
+def same(got: list[Any], want: list[Any]) -> bool:
+    """Whether two loops' results are equal; NumPy arrays compared by their contents."""
+    try:
+        return bool(got == want)
+    except ValueError:  # an array's == is elementwise
+        import numpy as np
+
+        return len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def run_once(
@@ -143,7 +153,7 @@ def run_once(
     result = list(result)
     if expected is not None:
         want = expected[: runner.cap] if runner.cap else expected
-        if result != want:
+        if not same(result, want):
             outcome.error = f"WRONG RESULTS: {describe_mismatch(result, want)}"
             print(f"\n!!! {loop.name} / {runner.name}: {outcome.error}", file=sys.stderr)
             return None
@@ -299,7 +309,7 @@ def peer_versions() -> str:
     from importlib import metadata
 
     found = []
-    for name in ("joblib", "mpire", "numpy", "psutil"):
+    for name in ("joblib", "mpire", "pebble", "numpy", "psutil"):
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:

@@ -83,6 +83,16 @@ def with_note(runner: Runner, note: str, *, append: bool = False) -> Runner:
     return runner
 
 
+def pebble(fn: Callable[..., Any], items: Sequence[Any], cfg: Config) -> Runner:
+    from pebble import ProcessPool
+
+    def run() -> list[Any]:
+        with ProcessPool(max_workers=cfg.workers, context=FORK) as p:
+            return list(p.map(fn, items).result())
+
+    return Runner("pebble", run, note="ProcessPool(n).map, chunksize=1, pool start included")
+
+
 def tuned_chunksize(n: int, workers: int) -> int:
     return max(1, math.ceil(n / (4 * workers)))
 
@@ -195,7 +205,7 @@ def mpire(fn: Callable[..., Any], items: Sequence[Any], cfg: Config, *, shared: 
 
     def run() -> list[Any]:
         with WorkerPool(n_jobs=cfg.workers, start_method="fork", shared_objects=shared) as p:
-            return list(p.map(fn, items))
+            return list(p.map(fn, items, concatenate_numpy_output=False))
 
     name = "mpire (shared_objects)" if shared is not None else "mpire"
     return Runner(name, run, note=note or "WorkerPool(n).map, default chunking, pool start included")
@@ -258,7 +268,7 @@ def autopar_runners(
 
 
 def standard(
-    fn: Callable[..., Any], items: Sequence[Any], cfg: Config, *, ppe_cap: int | None = None
+    fn: Callable[..., Any], items: Sequence[Any], cfg: Config, *, ppe_cap: int | None = None, with_pebble: bool = False
 ) -> tuple[list[Runner], list[str]]:
     """Every runner of a loop whose iterations take one positional argument."""
     n = len(items)
@@ -272,6 +282,8 @@ def standard(
     skipped: list[str] = []
     add_peer("joblib", lambda: joblib_cold_and_warm(fn, items, cfg), runners, skipped)
     add_peer("mpire", lambda: [mpire(fn, items, cfg)], runners, skipped)
+    if with_pebble:
+        add_peer("pebble", lambda: [pebble(fn, items, cfg)], runners, skipped)
     runners += autopar_runners(fn, items, cfg)
     return runners, skipped
 
@@ -468,6 +480,21 @@ def loop_numpy_args(cfg: Config) -> Loop:
     )
 
 
+def loop_numpy_results(cfg: Config) -> Loop:
+    n = cfg.size(200, 50)
+    runners, skipped = standard(wl.task_array_1mb, list(range(n)), cfg, with_pebble=True)
+    runners += autopar_runners(wl.task_array_1mb, list(range(n)), cfg, warm=False, start_method="spawn")
+    description = f"{n} iterations, each builds and returns its own 1 MiB float64 array (about 1.5 ms of work)"
+    return Loop("numpy_1mb_results", description, n, runners, skipped)
+
+
+def loop_large_dict_results(cfg: Config) -> Loop:
+    n = cfg.size(100, 25)
+    runners, skipped = standard(wl.task_large_dict, list(range(n)), cfg, with_pebble=True)
+    description = f"{n} iterations, each returns a dict of {wl.DICT_ENTRIES:,} small tuples (a pickle of about 1 MiB)"
+    return Loop("large_dict_results", description, n, runners, skipped)
+
+
 def loop_cold_start(cfg: Config) -> Loop:
     n = 4
     items = list(range(n))
@@ -497,6 +524,8 @@ LOOPS: dict[str, Callable[[Config], Loop]] = {
     "broadcast_100mib": loop_broadcast,
     "collect_errors": loop_collect_errors,
     "numpy_1mb_args": loop_numpy_args,
+    "numpy_1mb_results": loop_numpy_results,
+    "large_dict_results": loop_large_dict_results,
     "cold_start": loop_cold_start,
 }
-NEEDS_NUMPY = {"broadcast_100mib", "numpy_1mb_args"}
+NEEDS_NUMPY = {"broadcast_100mib", "numpy_1mb_args", "numpy_1mb_results"}

@@ -110,6 +110,28 @@ def task_array_sum(arr: Any) -> float:
     return float(arr.sum())
 
 
+RESULT_SECONDS = 0.0015
+
+
+def task_array_1mb(i: int) -> Any:
+    """Build and return a 1 MiB float64 array, about 1.5 ms of work in all."""
+    import numpy as np
+
+    started = time.perf_counter()
+    array = np.random.default_rng(i).random(131072)
+    np.sqrt(array, out=array)
+    spin(RESULT_SECONDS - (time.perf_counter() - started))
+    return array
+
+
+DICT_ENTRIES = 30_000
+
+
+def task_large_dict(i: int) -> dict[int, tuple[int, float, str]]:
+    """Return a dict of small Python objects that pickles to about 1 MiB."""
+    return {k: (i, k / 7, f"item {k}") for k in range(DICT_ENTRIES)}
+
+
 def heavy_tail_costs(n: int, mean: float = 0.015, alpha: float = 1.5, seed: int = 20240601) -> list[float]:
     """``n`` Pareto-distributed costs in seconds (seeded), scaled so that their mean is ``mean``."""
     rng = random.Random(seed)

@@ -573,3 +573,66 @@ def waits_on_a_tool(x: int, pid_file: str) -> int:
             out.write(str(tool.pid))
         tool.wait()
     return x
+
+
+# --- large results through shared memory ----------------------------------------------------
+
+RESULT_ITEMS = 1 << 17  # float64: 1 MiB
+
+
+def big_result(i: int) -> Any:
+    """A 1 MiB float64 array of ``i``: its data goes back through shared memory."""
+    import numpy as np
+
+    return np.full(RESULT_ITEMS, float(i))
+
+
+def big_then_die(i: int) -> Any:
+    """Iteration 0 returns a big array; iteration 1, in the same chunk, kills its worker."""
+    if i == 1:
+        os.kill(os.getpid(), 9)
+    return big_result(i)
+
+
+def mixed_results(i: int) -> Any:
+    """Results pickled one by one: a dict holding arrays, a small value, one that cannot be
+    pickled, and an object whose array is large."""
+    import numpy as np
+
+    if i % 4 == 0:
+        return {"a": np.full(RESULT_ITEMS, float(i)), "b": np.arange(10), "c": np.full(RESULT_ITEMS // 2, 1.0)}
+    if i % 4 == 1:
+        return ("small", i)
+    if i % 4 == 2:
+        return threading.Lock()
+    return [np.full(RESULT_ITEMS, float(i)), "x"]
+
+
+def after_writing_results(action: str) -> None:
+    """A worker initializer: once a chunk's large results are written to shared memory, and
+    before the parent has them, ``"die"`` (SIGKILL) or ``"stall"`` (sleep a minute)."""
+    from autopar import _returns
+
+    write = _returns._write
+
+    def then(out: Any) -> Any:
+        written = write(out)
+        if action == "die":
+            os.kill(os.getpid(), 9)
+        time.sleep(60)
+        return written
+
+    _returns._write = then
+
+
+def dev_shm_nearly_full() -> None:
+    """A worker initializer: /dev/shm looks nine tenths full to this worker."""
+    real = os.statvfs
+
+    def nearly_full(path: Any) -> os.statvfs_result:
+        found = real(path)
+        fields = list(found)
+        fields[3] = fields[4] = found.f_blocks // 10  # f_bfree, f_bavail: a tenth left
+        return os.statvfs_result(fields)
+
+    os.statvfs = nearly_full

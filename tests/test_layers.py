@@ -44,6 +44,7 @@ ORDER = [
     "_capture",
     "_logs",
     "_random",
+    "_returns",
     "_shared",
     "_slots",
     # records, pickling and errors: the leaves

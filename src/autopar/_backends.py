@@ -23,7 +23,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from autopar import _exit, _shared
+from autopar import _exit, _returns, _shared
 from autopar._cpus import usable_cpu_count
 from autopar._exit import loop_ended, loop_started
 from autopar._logs import parent_levels
@@ -223,6 +223,7 @@ def _make_process_pool(options: Options, workers: int) -> Pool:
     if blas_threads is not None and context.get_start_method() == "fork":
         thread_pools = thread_pool_controller()  # forked workers inherit it: no pickling
     slots = WorkerSlots(4 * workers, context)
+    _returns.prepare()  # the resource tracker the workers share, before the first one starts
     pool = ProcessPoolExecutor if options.max_tasks_per_worker is None else _ReplacingProcessPool
     executor = pool(
         max_workers=workers,
@@ -351,3 +352,4 @@ def shutdown() -> None:
     for pool in warm + others:
         pool.close()
     _shared.shutdown()
+    _returns.sweep()  # results of workers that died before they were read

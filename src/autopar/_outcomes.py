@@ -15,6 +15,7 @@ from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Future
 from typing import Any
 
+from autopar import _returns
 from autopar._backends import Backend
 from autopar._chunking import ChunkSizer
 from autopar._errors import ChunkArgumentsError, NotCachedHere, WorkerCrashed, fresh_copy
@@ -22,7 +23,7 @@ from autopar._plan import LoopCounters
 from autopar._records import Batch, Call, Calls, ChunkResult, Failed, IterationOutput
 from autopar._recovery import Recovery
 from autopar._sending import PartsByKey
-from autopar._serialize import decode_error, decode_values
+from autopar._serialize import decode_error
 
 __all__ = ["Outcomes"]
 
@@ -92,11 +93,9 @@ class Outcomes:
         if self.in_process:
             values, failed = result.values, result.errors
         else:
-            blobs = result.values
-            received = len(blobs) if isinstance(blobs, bytes) else sum(map(len, blobs))
-            self.counters.bytes_received += received
             started = time.perf_counter()
-            values, failed = decode_values(result.values, calls)
+            values, failed, received = _returns.decode(result, calls)  # pickles and shared memory
+            self.counters.bytes_received += received
             for position, wire in result.errors.items():
                 failed[position] = decode_error(calls.index_of(position), wire)
             self.counters.pickle_seconds += time.perf_counter() - started

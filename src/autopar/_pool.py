@@ -24,6 +24,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
+from autopar import _returns
 from autopar._slots import Running, WorkerSlots, descendants, process_exists
 
 __all__ = ["Pool", "PostMortem"]
@@ -83,6 +84,7 @@ class Pool:
         try:
             self.executor.shutdown(wait=wait, cancel_futures=True)
         finally:
+            _returns.sweep(list(self._processes))  # results written by workers that died unread
             self._closed.set()
 
     def retire(self) -> None:

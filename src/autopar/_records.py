@@ -203,6 +203,9 @@ class ChunkResult(NamedTuple):
     outputs: dict[int, IterationOutput] | None = None
     """By position: what iterations wrote and logged, when captured (none when nothing was).
     Position -1: what the worker's initializer logged, sent with its first chunk."""
+    returned: Any = None
+    """The large buffers left out of ``values``' pickles, in shared memory (see
+    `autopar._returns`): a ``Returned`` in the worker, a ``Received`` once unpickled here."""
 
 
 @dataclass(slots=True)

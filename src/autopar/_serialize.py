@@ -21,7 +21,7 @@ import re
 import sys
 import traceback
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import CodeType, TracebackType
 from typing import Any, ClassVar
 
@@ -43,6 +43,7 @@ __all__ = [
     "encode_values",
     "format_worker_traceback",
     "loads",
+    "OutOfBand",
     "reduce_with",
 ]
 
@@ -125,12 +126,37 @@ def split_unpicklable(calls: Iterable[Call]) -> tuple[list[Call], list[Failed]]:
     return good, failed
 
 
-def encode_value(value: Any) -> bytes:
+class OutOfBand:
+    """A pickler's ``buffer_callback`` that takes each contiguous buffer of at least ``above``
+    bytes (a NumPy array's data) out of the pickle stream, for `autopar._returns` to send
+    through shared memory. ``counts``: how many each value took, when values are pickled one
+    by one (None when they are pickled in one go)."""
+
+    def __init__(self, above: int) -> None:
+        self.above = above
+        self.buffers: list[memoryview] = []
+        self.counts: list[int] | None = None
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickle copies it in-band
+            return True
+        if raw.nbytes < self.above:
+            return True  # kept in the pickle
+        self.buffers.append(raw)
+        return False
+
+
+def encode_value(value: Any, out_of_band: OutOfBand | None = None) -> bytes:
     """Pickle one result: plain pickle first (fast), cloudpickle when that fails."""
+    taken = len(out_of_band.buffers) if out_of_band is not None else 0
     try:
-        return pickle.dumps(value, _PROTOCOL)
+        return pickle.dumps(value, _PROTOCOL, buffer_callback=out_of_band)
     except Exception:
-        return dumps(value)
+        if out_of_band is not None:
+            del out_of_band.buffers[taken:]  # what the failed try took
+        return dumps(value, out_of_band)
 
 
 _dumps_plain = functools.partial(pickle.dumps, protocol=_PROTOCOL)
@@ -202,50 +228,73 @@ def _is_plain(obj: Any) -> bool:
     return type(obj) is dict and _all_plain(obj) and _all_plain(obj.values())
 
 
-def encode_values(values: list[Any], calls: Calls, errors: dict[int, WireError]) -> bytes | list[bytes]:
+def encode_values(
+    values: list[Any], calls: Calls, errors: dict[int, WireError], out_of_band: OutOfBand | None = None
+) -> bytes | list[bytes]:
     """Pickle the results: in one go when they are plain builtins (fast on both ends),
     otherwise each on its own, so that one that cannot be pickled or unpickled fails only its
-    iteration (a pickling failure here becomes its call's error)."""
+    iteration (a pickling failure here becomes its call's error). With ``out_of_band``, large
+    buffers are left out of the pickles, for the caller to send another way."""
     if _all_plain(values, numbers=True):
-        return pickle.dumps(_column(values), _PROTOCOL)
-    try:
-        return list(map(_dumps_plain, values))
-    except Exception:
-        pass
+        return pickle.dumps(_column(values), _PROTOCOL, buffer_callback=out_of_band)
+    if out_of_band is None:
+        try:
+            return list(map(_dumps_plain, values))
+        except Exception:
+            pass
+    else:
+        out_of_band.counts = []
     encoded: list[bytes] = []
     for position, value in enumerate(values):
+        taken = len(out_of_band.buffers) if out_of_band is not None else 0
         try:
-            encoded.append(encode_value(value))
+            encoded.append(encode_value(value, out_of_band))
         except Exception as exc:
+            if out_of_band is not None:
+                del out_of_band.buffers[taken:]
             error = stage_error(f"result of iteration {calls.index_of(position)} could not be pickled", exc)
             errors[position] = encode_error(error, "")
             encoded.append(_NONE)
+        if out_of_band is not None and out_of_band.counts is not None:
+            out_of_band.counts.append(len(out_of_band.buffers) - taken)
     return encoded
 
 
 _NONE = pickle.dumps(None)
 
 
-def decode_values(blobs: bytes | list[bytes], calls: Calls) -> tuple[list[Any], dict[int, Failed]]:
-    """Unpickle the results in the parent; one that cannot be unpickled fails its iteration."""
+def decode_values(
+    blobs: bytes | list[bytes],
+    calls: Calls,
+    buffers: Sequence[Any] | None = None,
+    counts: Sequence[int] | None = None,
+) -> tuple[list[Any], dict[int, Failed]]:
+    """Unpickle the results in the parent; one that cannot be unpickled fails its iteration.
+    ``buffers``: what `encode_values` left out of the pickles, in order; ``counts``: how many
+    of them each value took, when values were pickled one by one."""
     if isinstance(blobs, bytes):
         try:
-            values: list[Any] = loads(blobs)  # builtins and NumPy numbers
+            values: list[Any] = loads(blobs, buffers=buffers)  # builtins and NumPy numbers
             if type(values) is not list:  # NumPy scalars of one type, as one array
                 values = list(values)
         except Exception as exc:  # NumPy missing here: every value of the chunk is lost
             error = stage_error("results of this chunk could not be unpickled", exc)
             return [None] * len(calls), {p: Failed(i, copy.copy(error)) for p, i in enumerate(calls.index_list())}
         return values, {}
-    try:
-        return list(map(loads, blobs)), {}
-    except Exception:
-        pass
+    own: list[Any] = [None] * len(blobs)  # each value's buffers
+    if buffers is not None and counts is not None:
+        taken = list(itertools.accumulate(counts, initial=0))
+        own = [buffers[start:end] for start, end in itertools.pairwise(taken)]
+    else:
+        try:
+            return list(map(loads, blobs)), {}
+        except Exception:
+            pass
     values = []
     failed: dict[int, Failed] = {}
     for position, blob in enumerate(blobs):
         try:
-            values.append(loads(blob))
+            values.append(loads(blob, buffers=own[position]))
         except Exception as exc:
             index = calls.index_of(position)
             failed[position] = Failed(index, stage_error(f"result of iteration {index} could not be unpickled", exc))

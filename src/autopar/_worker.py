@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from autopar import _logs
+from autopar import _logs, _returns
 from autopar._capture import Observer
 from autopar._errors import ChunkArgumentsError, IterationTimeout, NotCachedHere
 from autopar._random import fresh_worker_streams, seeded_chunk
@@ -120,6 +120,7 @@ def initialize_worker(
     # A bare thread: threading.Thread.start() waits until the new thread runs, which cost a
     # cold start 1-5 ms per worker on a busy machine. The watchdog only ever exits the process.
     _thread.start_new_thread(_exit_with_parent, (parent or os.getppid(),))
+    _returns.enable(parent or os.getppid())
     if blas_threads is not None:
         _cap_thread_pools(blas_threads, thread_pools)
     if user_initializer is not None:
@@ -303,7 +304,8 @@ def run_chunk(chunk: Chunk) -> ChunkResult | NotCachedHere:
             slots.running(chunk.chunk_id, SENDING_RESULTS)
         wire_errors = {position: encode_error(exc, tb_text) for position, (exc, tb_text) in errors.items()}
         outputs = observer.outputs() if observer is not None else None
-        return ChunkResult(encode_values(values, calls, wire_errors), wire_errors, seconds, _identity, outputs=outputs)
+        encoded, returned = _returns.encode(values, calls, wire_errors)  # large buffers: shared memory
+        return ChunkResult(encoded, wire_errors, seconds, _identity, outputs=outputs, returned=returned)
     finally:
         if slots is not None:
             slots.idle()
