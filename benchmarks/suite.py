@@ -514,6 +514,26 @@ def loop_cold_start(cfg: Config) -> Loop:
     return Loop("cold_start", f"first call: {n} trivial iterations, pool start included", n, runners, skipped)
 
 
+def loop_float64_results(cfg: Config) -> Loop:
+    n = cfg.size(2_000_000, 200_000)
+    cap = cfg.size(5_000, 2_000)
+    runners, skipped = standard(wl.task_monte_carlo_float64, list(range(n)), cfg, ppe_cap=cap)
+    return Loop("float64_results", f"{n:,} iterations x ~2 us, each returns an np.float64", n, runners, skipped)
+
+
+def loop_float_results(cfg: Config) -> Loop:
+    n = cfg.size(2_000_000, 200_000)
+    cap = cfg.size(5_000, 2_000)
+    runners, skipped = standard(wl.task_monte_carlo_float, list(range(n)), cfg, ppe_cap=cap)
+    return Loop(
+        "float_results",
+        f"{n:,} iterations x ~2 us, each returns float(x): float64_results' twin",
+        n,
+        runners,
+        skipped,
+    )
+
+
 LOOPS: dict[str, Callable[[Config], Loop]] = {
     "25ms": loop_25ms,
     "compute": loop_compute,
@@ -526,6 +546,8 @@ LOOPS: dict[str, Callable[[Config], Loop]] = {
     "numpy_1mb_args": loop_numpy_args,
     "numpy_1mb_results": loop_numpy_results,
     "large_dict_results": loop_large_dict_results,
+    "float64_results": loop_float64_results,
+    "float_results": loop_float_results,
     "cold_start": loop_cold_start,
 }
-NEEDS_NUMPY = {"broadcast_100mib", "numpy_1mb_args", "numpy_1mb_results"}
+NEEDS_NUMPY = {"broadcast_100mib", "numpy_1mb_args", "numpy_1mb_results", "float64_results", "float_results"}

@@ -138,3 +138,17 @@ def heavy_tail_costs(n: int, mean: float = 0.015, alpha: float = 1.5, seed: int 
     raw = [rng.paretovariate(alpha) for _ in range(n)]
     scale = mean * n / sum(raw)
     return [cost * scale for cost in raw]
+
+
+def task_monte_carlo_float64(i: int) -> Any:
+    """A Monte Carlo step of ~1.8 us that returns what NumPy arithmetic gives: an np.float64."""
+    import numpy as np
+
+    x = np.float64(i % 1000) * 0.001
+    spin(1.5e-6)
+    return x * x
+
+
+def task_monte_carlo_float(i: int) -> float:
+    """The same step returning a builtin float (``float(x)``): the twin to compare with."""
+    return float(task_monte_carlo_float64(i))
