@@ -38,7 +38,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, TypeAlias, cast
+from typing import Any, Protocol, TypeAlias, cast
 
 __all__ = [
     "Levels",
@@ -209,9 +209,10 @@ _pending: list[logging.LogRecord] = []
 """Records the initializer emitted, for the first chunk."""
 
 
-class _Sink:
-    def add(self, record: logging.LogRecord) -> None:
-        raise NotImplementedError
+class _Sink(Protocol):
+    """What takes the records while logging is taken over."""
+
+    def add(self, record: logging.LogRecord) -> None: ...
 
 
 def _taken(self: logging.Logger, record: logging.LogRecord) -> None:
