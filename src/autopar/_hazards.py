@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["global_names", "plotting_names", "warn_if_writes_lost"]
+__all__ = ["global_names", "plotting_names", "unwrap", "warn_if_writes_lost"]
 
 MUTATING_METHODS = frozenset(
     {
@@ -126,7 +126,7 @@ def global_names(function: Callable[..., Any]) -> tuple[frozenset[str], frozense
     """The module-global names ``function`` reads, and those it writes (assigned, deleted, or
     changed in place: ``X[k] = v``, ``X.attr = v``, ``X.append(v)``...), inner functions,
     lambdas and comprehensions included. Builtins it only reads are left out."""
-    target = _unwrap(function)
+    target = unwrap(function)
     code = getattr(target, "__code__", None)
     if not isinstance(code, types.CodeType):
         return frozenset(), frozenset()
@@ -140,7 +140,7 @@ def global_names(function: Callable[..., Any]) -> tuple[frozenset[str], frozense
 def plotting_names(function: Callable[..., Any]) -> frozenset[str]:
     """The globals ``function`` reads that are a plotting state machine (``plt``, ``pylab``,
     or a function of ``matplotlib.pyplot`` imported by name)."""
-    target = _unwrap(function)
+    target = unwrap(function)
     namespace: dict[str, Any] = getattr(target, "__globals__", {})
     reads, _ = global_names(target)
     return frozenset(name for name in reads if name in namespace and _is_plotting(namespace[name]))
@@ -156,7 +156,7 @@ def _is_plotting(value: object) -> bool:
     return callable(value) and getattr(value, "__module__", None) == "matplotlib.pyplot"
 
 
-def _unwrap(function: Any) -> Any:
+def unwrap(function: Any) -> Any:
     """The plain function that runs: through ``__wrapped__`` (autopar's own wrapper
     included), bound methods, ``functools.partial`` and callable objects."""
     for _ in range(100):  # a wrapper chain that loops back on itself ends here
@@ -320,7 +320,7 @@ def warn_if_writes_lost(
     those writes stayed in the worker processes."""
     if in_process or not values or values[0] is not None or failed >= len(values):
         return  # the common case, a loop that returns values, stops at values[0]
-    target = _unwrap(function)
+    target = unwrap(function)
     code = getattr(target, "__code__", None)
     if not isinstance(code, types.CodeType) or code in _warned:
         return

@@ -18,10 +18,10 @@ from typing import Any
 from autopar import _returns
 from autopar._backends import Backend
 from autopar._chunking import ChunkSizer
-from autopar._errors import ChunkArgumentsError, NotCachedHere, WorkerCrashed, fresh_copy
+from autopar._errors import ChunkArgumentsError, NotCachedHere, WorkerCrashed
 from autopar._plan import LoopCounters
 from autopar._records import Batch, Call, Calls, ChunkResult, Failed, IterationOutput
-from autopar._recovery import Recovery
+from autopar._recovery import Recovery, every_call_fails
 from autopar._sending import PartsByKey
 from autopar._serialize import decode_error
 
@@ -108,8 +108,7 @@ class Outcomes:
 
     def fail(self, calls: Calls, exc: BaseException, tb_text: str) -> Batch:
         """Every call fails with ``exc`` (each with its own copy, for its own notes)."""
-        failed = {position: Failed(index, fresh_copy(exc), tb_text) for position, (index, _) in enumerate(calls)}
-        return self.settle(calls, None, failed, 0.0)
+        return self.settle(calls, None, every_call_fails(calls, exc, tb_text), 0.0)
 
     def settle(
         self,

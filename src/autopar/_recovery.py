@@ -19,7 +19,7 @@ from autopar._errors import IterationTimeout, WorkerCrashed, fresh_copy
 from autopar._records import Calls, Failed
 from autopar._slots import LOADING_ARGUMENTS, SENDING_RESULTS, Running
 
-__all__ = ["FRUITLESS_BREAKS", "SUSPICIONS", "LostChunk", "Recovery", "Triage", "stage_of"]
+__all__ = ["FRUITLESS_BREAKS", "SUSPICIONS", "LostChunk", "Recovery", "Triage", "every_call_fails", "stage_of"]
 
 SUSPICIONS = 3
 """Unexplained pool breaks an iteration may be present at before it is blamed."""
@@ -141,7 +141,7 @@ class Recovery:
                     "forkserver, does the script start this loop again when a worker imports it, "
                     'without `if __name__ == "__main__":`?)'
                 )
-                triage.failed.append((calls, _failing(calls, error)))
+                triage.failed.append((calls, every_call_fails(calls, error)))
                 continue
             positions = sorted(blamed.get(chunk_id, set()))
             rest = [call for position, call in enumerate(calls) if position not in positions]
@@ -152,13 +152,13 @@ class Recovery:
                     f"its worker died {SUSPICIONS} times while running it, killed from outside or by SIGTERM"
                 )
                 culprits = Calls.of(calls[p] for p in positions)
-                triage.failed.append((culprits, _failing(culprits, error)))
+                triage.failed.append((culprits, every_call_fails(culprits, error)))
         return triage
 
 
-def _failing(calls: Calls, error: BaseException) -> dict[int, Failed]:
-    """Every call fails with ``error``, each with its own copy (for its own notes)."""
-    return {position: Failed(index, fresh_copy(error)) for position, index in enumerate(calls.index_list())}
+def every_call_fails(calls: Calls, error: BaseException, tb_text: str = "") -> dict[int, Failed]:
+    """By position: every call fails with ``error``, each with its own copy (for its own notes)."""
+    return {position: Failed(index, fresh_copy(error), tb_text) for position, index in enumerate(calls.index_list())}
 
 
 def _death(pid: int, exit_code: int, position: int) -> str:

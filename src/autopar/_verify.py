@@ -25,7 +25,7 @@ from typing import Any
 
 from autopar._calls import own_keywords
 from autopar._collect import run_map
-from autopar._hazards import global_names
+from autopar._hazards import global_names, unwrap
 from autopar._options import Options
 from autopar._plan import Loop
 from autopar._random import DrawWatch, global_states, iteration_streams, put_back_global_states
@@ -336,8 +336,7 @@ class _Globals:
     iteration first rebound or changed each one, and how to put them back afterwards."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
-        plain, _ = _unbound(function)
-        namespace = getattr(plain, "__globals__", None)
+        namespace = getattr(unwrap(function), "__globals__", None)
         self.namespace: dict[str, Any] = namespace if isinstance(namespace, dict) else {}
         reads, writes = global_names(function) if self.namespace else (frozenset(), frozenset())
         self.names = sorted(name for name in reads | writes if name in writes or _is_data(self.namespace.get(name)))
